@@ -1,0 +1,27 @@
+"""A Trio pool of TLS client channels ("secure channels") to remote relays.
+
+Only the names below are public; the modules behind them are private.
+"""
+
+from ._channel import SecureChannel as SecureChannel
+from ._config import PoolConfig as PoolConfig
+from ._config import PoolOptions as PoolOptions
+from ._endpoint import Endpoint as Endpoint
+from ._endpoint import Target as Target
+from ._errors import CircuitOpen as CircuitOpen
+from ._errors import ConnectError as ConnectError
+from ._errors import PoolClosed as PoolClosed
+from ._errors import PoolExhausted as PoolExhausted
+from ._errors import SecureChannelError as SecureChannelError
+from ._pool import SecureChannelPool as SecureChannelPool
+from ._pool import open_pool as open_pool
+from ._tls import load_root_store as load_root_store
+
+__version__ = "0.1.0.dev0"
+
+# Show the public names as belonging to this package, in reprs, tracebacks and docs.
+for _name in list(globals()):
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("trio_securechannel._"):
+        _obj.__module__ = __name__
+del _name, _obj

@@ -1,0 +1,138 @@
+"""`PoolConfig`: every option of a pool, validated once, frozen so it can be reused."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypedDict, final
+
+import trio
+
+from ._tls import check_client_context
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+#: Opens the byte stream TLS runs over (default `trio.open_tcp_stream`), e.g. through a proxy.
+OpenTransport = Callable[[str, int], Awaitable[trio.abc.Stream]]
+
+_METRIC_PREFIX = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
+
+
+@final
+@dataclass(frozen=True)
+class PoolConfig:
+    """The options of a pool. Every field is checked when the config is built.
+
+    Attributes:
+        ssl_context: Client context for the handshakes. None: `load_root_store()` (system
+            roots). A context you pass must verify certificates and hostnames and refuse
+            anything below TLS 1.2.
+        namespace: Prefix of the pool's metric names.
+        max_connections: Hard bound on channels open at once: idle, in use and being opened.
+        min_idle: Channels kept open and ready, refilled in the background.
+        connect_timeout: Seconds allowed for TCP connect plus TLS handshake.
+        acquire_timeout: Seconds a checkout may wait for a channel when all are in use;
+            0 fails at once with `PoolExhausted`, ``math.inf`` waits as long as it takes.
+        idle_timeout: Idle channels beyond ``min_idle`` are closed after this many seconds.
+        max_lifetime: Channels older than this are closed when idle or given back
+            (None: no limit).
+        cleanup_interval: Seconds between cleanup passes (stale, idle and old channels).
+        shutdown_timeout: Seconds the pool's exit may spend closing channels gracefully.
+        open_transport: ``await open_transport(host, port)`` returns the stream TLS runs
+            over; None is `trio.open_tcp_stream`. Use it to go through a proxy.
+    """
+
+    ssl_context: ssl.SSLContext | None = None
+    namespace: str = "securechannel"
+    max_connections: int = 10
+    min_idle: int = 0
+    connect_timeout: float = 10.0
+    acquire_timeout: float = 0.0
+    idle_timeout: float = 300.0
+    max_lifetime: float | None = None
+    cleanup_interval: float = 5.0
+    shutdown_timeout: float = 5.0
+    open_transport: OpenTransport | None = None
+
+    def __post_init__(self) -> None:
+        if self.ssl_context is not None:
+            check_client_context(self.ssl_context, field="ssl_context")
+        if not isinstance(self.namespace, str) or not _METRIC_PREFIX.match(self.namespace):
+            raise ValueError(
+                f"namespace must be a metric name prefix ([a-zA-Z_][a-zA-Z0-9_]*),"
+                f" got {self.namespace!r}"
+            )
+        _check_int("max_connections", self.max_connections, minimum=1)
+        _check_int("min_idle", self.min_idle, minimum=0)
+        if self.min_idle > self.max_connections:
+            raise ValueError(
+                f"min_idle ({self.min_idle}) must not exceed max_connections"
+                f" ({self.max_connections})"
+            )
+        _check_seconds("connect_timeout", self.connect_timeout, positive=True, finite=True)
+        _check_seconds("acquire_timeout", self.acquire_timeout)
+        _check_seconds("idle_timeout", self.idle_timeout, positive=True)
+        if self.max_lifetime is not None:
+            _check_seconds("max_lifetime", self.max_lifetime, positive=True)
+        _check_seconds("cleanup_interval", self.cleanup_interval, positive=True, finite=True)
+        _check_seconds("shutdown_timeout", self.shutdown_timeout, finite=True)
+        if self.open_transport is not None and not callable(self.open_transport):
+            raise TypeError(f"open_transport must be callable, got {self.open_transport!r}")
+
+    def replace(self, **options: Unpack[PoolOptions]) -> PoolConfig:
+        """Return a copy with some options changed (validated like a new config).
+
+        Raises:
+            TypeError: An option name is unknown.
+        """
+        return dataclasses.replace(self, **_known_options(options))
+
+
+class PoolOptions(TypedDict, total=False):
+    """The keyword options of `open_pool`, one per `PoolConfig` field."""
+
+    ssl_context: ssl.SSLContext | None
+    namespace: str
+    max_connections: int
+    min_idle: int
+    connect_timeout: float
+    acquire_timeout: float
+    idle_timeout: float
+    max_lifetime: float | None
+    cleanup_interval: float
+    shutdown_timeout: float
+    open_transport: OpenTransport | None
+
+
+def _known_options(options: dict[str, Any] | PoolOptions) -> dict[str, Any]:
+    known = {field.name for field in dataclasses.fields(PoolConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(
+            f"unknown pool option(s) {', '.join(map(repr, unknown))};"
+            f" valid options are: {', '.join(sorted(known))}"
+        )
+    return dict(options)
+
+
+def _check_int(field: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{field} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{field} must be >= {minimum}, got {value}")
+
+
+def _check_seconds(
+    field: str, value: object, *, positive: bool = False, finite: bool = False
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{field} must be a number of seconds, got {value!r}")
+    if math.isnan(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{field} must be {'> 0' if positive else '>= 0'} seconds, got {value}")
+    if finite and math.isinf(value):
+        raise ValueError(f"{field} must be finite, got {value}")

@@ -1,0 +1,79 @@
+"""The exceptions a pool raises: one base class, a small flat tree under it.
+
+I/O errors on a channel already handed out are trio's own (`trio.BrokenResourceError`,
+`trio.ClosedResourceError`), as the `trio.abc.Stream` contract requires.
+"""
+
+from __future__ import annotations
+
+from typing import final
+
+
+class SecureChannelError(Exception):
+    """Base class of every error trio_securechannel raises on its own account."""
+
+
+@final
+class PoolExhausted(SecureChannelError):
+    """All ``max_connections`` channels are in use and none came free in time.
+
+    Raised at once when ``acquire_timeout`` is 0, or when the FIFO wait for a channel runs
+    out.
+    """
+
+    def __init__(self, endpoint: str, max_connections: int, waited: float) -> None:
+        self.endpoint = endpoint
+        self.max_connections = max_connections
+        self.waited = waited
+        how = "no wait allowed" if waited == 0 else f"waited {waited:g}s"
+        super().__init__(
+            f"Connection pool exhausted: all {max_connections} channels to {endpoint} are in use"
+            f" ({how}); raise max_connections or acquire_timeout, or return channels sooner"
+        )
+
+
+@final
+class ConnectError(SecureChannelError):
+    """Opening a channel failed: TCP connect, TLS handshake or ``connect_timeout``.
+
+    ``__cause__`` keeps the underlying error (an `OSError`, an `ssl.SSLError` such as
+    `ssl.SSLCertVerificationError`, ...) except for timeouts, which have none.
+
+    Attributes:
+        endpoint: The relay, as ``host:port``.
+        phase: Where it failed: ``"tcp"`` (connect, DNS), ``"tls"`` (handshake, certificate)
+            or ``"timeout"`` (``connect_timeout`` ran out).
+        reason: One line saying what went wrong.
+    """
+
+    def __init__(self, endpoint: str, phase: str, reason: str) -> None:
+        self.endpoint = endpoint
+        self.phase = phase
+        self.reason = reason
+        super().__init__(f"cannot open a secure channel to {endpoint}: {reason}")
+
+
+@final
+class PoolClosed(SecureChannelError):
+    """The pool is shutting down or has shut down; it hands out no more channels."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        super().__init__(f"the pool for {endpoint} is closed; open a new one with open_pool()")
+
+
+@final
+class CircuitOpen(SecureChannelError):
+    """The relay's circuit breaker is open: no connection is attempted until it cools down.
+
+    Attributes:
+        retry_after: Seconds until the breaker lets a trial checkout through.
+    """
+
+    def __init__(self, endpoint: str, retry_after: float) -> None:
+        self.endpoint = endpoint
+        self.retry_after = retry_after
+        super().__init__(
+            f"circuit breaker for {endpoint} is open after repeated failures;"
+            f" retry in {retry_after:.3g}s"
+        )
