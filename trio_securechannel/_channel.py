@@ -1,0 +1,178 @@
+"""`SecureChannel`: one pooled TLS connection, a `trio.abc.Stream` over a `trio.SSLStream`."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import warnings
+from collections import Counter
+from typing import Any, final
+
+import trio
+
+from ._endpoint import Endpoint
+
+# How long a probe of an idle channel whose socket turned readable may spend reading it.
+# The bytes are already in the kernel buffer, so this only bounds the wait for *more*:
+# TLS 1.3 session tickets arrive this way and leave the channel perfectly usable.
+_SETTLE_GRACE = 0.005
+
+_channel_ids = itertools.count(1)
+
+
+@final
+class SecureChannel(trio.abc.Stream):
+    """A TLS client connection to a relay, lent out by a pool.
+
+    It is a `trio.abc.Stream`: `send_all`, `receive_some`, `wait_send_all_might_not_block`
+    and an idempotent `aclose`. Two tasks sending (or receiving) at once get
+    `trio.BusyResourceError`; after an I/O failure calls raise `trio.BrokenResourceError`,
+    after `aclose` `trio.ClosedResourceError`.
+
+    A channel that saw an error, a cancellation or end-of-file is never lent out again:
+    its TLS state may be mid-record (trio#889) or its peer gone. `spent` says why.
+
+    Attributes:
+        endpoint: The relay this channel is connected to.
+        id: A number unique within the process, for logs.
+        opened_at: `trio.current_time()` when the handshake completed.
+        errors: I/O errors seen on this channel, by kind (counted once per failure).
+        bytes_sent: Application bytes sent.
+        bytes_received: Application bytes received.
+    """
+
+    def __init__(self, ssl_stream: trio.SSLStream[Any], endpoint: Endpoint) -> None:
+        self._closed = False  # first, so __del__ works whatever happens next
+        self._stream = ssl_stream
+        #: Why this channel may not be lent again ("error", "cancelled", "eof", "closed",
+        #: "unexpected data"), or None while it may.
+        self.spent: str | None = None
+        self.endpoint = endpoint
+        self.id = next(_channel_ids)
+        self.opened_at = trio.current_time()
+        self.idle_since = self.opened_at
+        self.errors: Counter[str] = Counter()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else self.spent or "open"
+        return f"<SecureChannel #{self.id} to {self.endpoint} {state}>"
+
+    def __del__(self) -> None:
+        if not self._closed:
+            warnings.warn(
+                f"unclosed {self!r}: use it through a pool, or call aclose()",
+                ResourceWarning,
+                stacklevel=1,
+                source=self,
+            )
+
+    @property
+    def ssl_stream(self) -> trio.SSLStream[Any]:
+        """The `trio.SSLStream` underneath, for `~trio.SSLStream.getpeercert`, `cipher`, ..."""
+        return self._stream
+
+    @property
+    def closed(self) -> bool:
+        """True once `aclose` has been called."""
+        return self._closed
+
+    @property
+    def reusable(self) -> bool:
+        """True while nothing has happened that forbids lending this channel again."""
+        return self.spent is None
+
+    def _fail(self, kind: str) -> None:
+        # A stream breaks once; later calls re-raise the same state and count nothing.
+        if self.spent != "error":
+            self.errors[kind] += 1
+            self.spent = "error"
+
+    def _spend(self, reason: str) -> None:
+        if self.spent is None:
+            self.spent = reason
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt and send all of ``data``. See `trio.abc.SendStream.send_all`."""
+        try:
+            await self._stream.send_all(data)
+        except trio.BusyResourceError:
+            raise  # the other sender's business; this stream is untouched
+        except trio.BrokenResourceError:
+            self._fail("io")
+            raise
+        except BaseException:
+            # Cancelled or closed mid-write: a partial TLS record may be on the wire.
+            self._spend("cancelled")
+            raise
+        self.bytes_sent += len(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """See `trio.abc.SendStream.wait_send_all_might_not_block`."""
+        try:
+            await self._stream.wait_send_all_might_not_block()
+        except trio.BrokenResourceError:
+            self._fail("io")
+            raise
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        """Receive and decrypt some data; ``b""`` at end-of-file.
+
+        See `trio.abc.ReceiveStream.receive_some`.
+        """
+        try:
+            data = await self._stream.receive_some(max_bytes)
+        except trio.BusyResourceError:
+            raise
+        except trio.BrokenResourceError:
+            self._fail("io")
+            raise
+        except BaseException:
+            self._spend("cancelled")  # the reply may be half read
+            raise
+        if data:
+            self.bytes_received += len(data)
+        else:
+            self._spend("eof")  # the peer closed its side
+        return data
+
+    async def aclose(self) -> None:
+        """Send a TLS close_notify and close the socket; forcefully if cancelled.
+
+        Idempotent, as `trio.abc.AsyncResource.aclose` requires.
+        """
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        self._spend("closed")
+        await self._stream.aclose()
+
+    def has_pending_input(self) -> bool:
+        """True if the peer sent something (data, end-of-file) that nobody has read.
+
+        Costs one ``poll()`` on the socket: cheap enough for every checkout. Streams not
+        backed by a socket (custom transports) report only what TLS has buffered.
+        """
+        if self._stream.pending():
+            return True
+        socket_stream = self._stream.transport_stream
+        if isinstance(socket_stream, trio.SocketStream):
+            return socket_stream.socket.is_readable()
+        return False
+
+    async def settle_pending_input(self) -> bool:
+        """Read what arrived on an idle channel; return True if it is still fit to lend.
+
+        Fit: the bytes were TLS housekeeping only (TLS 1.3 session tickets). Unfit: end of
+        file, a reset, or application data nobody asked for (a previous user left a reply
+        unread); the channel is then marked spent and must be closed.
+        """
+        with trio.move_on_after(_SETTLE_GRACE):
+            # The raw stream, not our receive_some: a cancelled read here is expected and
+            # harmless (no handshake is running), so it must not mark the channel spent.
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._stream.receive_some()
+            self._spend("unexpected data")  # or EOF: nothing to hand to the next user
+        return self.reusable

@@ -1,0 +1,61 @@
+"""Opening a channel: TCP connect and TLS handshake under one deadline."""
+
+from __future__ import annotations
+
+import ssl
+
+import trio
+
+from ._channel import SecureChannel
+from ._config import OpenTransport
+from ._endpoint import Endpoint
+from ._errors import ConnectError
+
+
+async def open_channel(
+    endpoint: Endpoint,
+    ssl_context: ssl.SSLContext,
+    *,
+    connect_timeout: float,
+    open_transport: OpenTransport | None = None,
+) -> SecureChannel:
+    """Connect to ``endpoint`` and complete a verified TLS handshake within the timeout.
+
+    Whatever happens before the handshake completes (an error, a timeout, a cancellation),
+    the half-made connection is closed before this returns or raises.
+
+    Raises:
+        ConnectError: TCP, DNS or TLS failure, or ``connect_timeout`` ran out.
+    """
+    opener = open_transport or trio.open_tcp_stream
+    name = str(endpoint)
+    try:
+        # A handshake without a deadline hangs forever on a peer that never speaks TLS.
+        with trio.fail_after(connect_timeout):
+            transport = await opener(endpoint.host, endpoint.port)
+            try:
+                ssl_stream = trio.SSLStream(transport, ssl_context, server_hostname=endpoint.host)
+                await ssl_stream.do_handshake()
+            except BaseException:
+                await trio.aclose_forcefully(transport)
+                raise
+    except trio.TooSlowError:
+        raise ConnectError(
+            name, "timeout", f"no TLS session within connect_timeout={connect_timeout:g}s"
+        ) from None
+    except trio.BrokenResourceError as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, BaseException) else exc
+        raise ConnectError(name, "tls", f"TLS handshake failed: {_describe(cause)}") from cause
+    except OSError as exc:
+        raise ConnectError(name, "tcp", f"TCP connect failed: {_describe(exc)}") from exc
+    return SecureChannel(ssl_stream, endpoint)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
