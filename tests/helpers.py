@@ -1,0 +1,57 @@
+"""Helpers shared by the tests: round trips, the pool's books, waiting on outside state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+import trio_securechannel as sc
+
+
+def books(pool: sc.SecureChannelPool) -> dict[str, Any]:
+    connections: dict[str, Any] = pool.status()["connections"]
+    return connections
+
+
+async def assert_all_slots_free(pool: sc.SecureChannelPool) -> None:
+    """The FAULTS.md meaning of "slot freed": nothing held, and max checkouts succeed."""
+    assert books(pool)["in_use"] == 0
+    assert books(pool)["opening"] == 0
+    assert books(pool)["waiting"] == 0
+    async with trio.open_nursery() as nursery:
+        held = trio.Semaphore(0)
+        release = trio.Event()
+
+        async def hold() -> None:
+            async with pool.connection() as channel:
+                await channel.send_all(b"ping")
+                assert await channel.receive_some() == b"ping"
+                held.release()
+                await release.wait()
+
+        for _ in range(pool.config.max_connections):
+            nursery.start_soon(hold)
+        for _ in range(pool.config.max_connections):
+            await held.acquire()
+        assert books(pool)["in_use"] == pool.config.max_connections
+        release.set()
+    assert books(pool)["in_use"] == 0
+
+
+async def echo(channel: sc.SecureChannel, payload: bytes) -> bytes:
+    await channel.send_all(payload)
+    received = b""
+    while len(received) < len(payload):
+        chunk = await channel.receive_some()
+        assert chunk, "the relay closed the channel mid-reply"
+        received += chunk
+    return received
+
+
+async def wait_until(predicate: Callable[[], bool], *, within: float = 5.0) -> None:
+    """Poll state that no event announces (a relay's socket, the pool's books)."""
+    with trio.fail_after(within):
+        while not predicate():  # noqa: ASYNC110 - nothing to wait on but the state itself
+            await trio.sleep(0.005)

@@ -1,0 +1,135 @@
+"""Row 19: every option is validated when open_pool is called, naming the field."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import ssl
+import typing
+import warnings
+from typing import Any
+
+import pytest
+
+import trio_securechannel as sc
+from trio_securechannel import Endpoint, PoolConfig
+
+
+@pytest.mark.parametrize(
+    ("target", "host", "port"),
+    [
+        ("relay.example.com:443", "relay.example.com", 443),
+        ("127.0.0.1:50001", "127.0.0.1", 50001),
+        ("[::1]:8443", "::1", 8443),
+        ("[2001:db8::7]:1", "2001:db8::7", 1),
+        (("electrum.example.org", 50002), "electrum.example.org", 50002),
+        (("::1", 65535), "::1", 65535),
+    ],
+)
+def test_targets_parse(target: sc.Target, host: str, port: int) -> None:
+    endpoint = Endpoint.parse(target)
+    assert (endpoint.host, endpoint.port) == (host, port)
+    assert Endpoint.parse(str(endpoint)) == endpoint  # str() round-trips
+
+
+@pytest.mark.parametrize(
+    ("target", "error", "words"),
+    [
+        ("relay.example.com", ValueError, "missing ':port'"),
+        ("relay.example.com:", ValueError, "port must be a number"),
+        ("relay.example.com:https", ValueError, "port must be a number"),
+        ("relay.example.com:0", ValueError, "out of range"),
+        ("relay.example.com:65536", ValueError, "out of range"),
+        (":443", ValueError, "invalid host"),
+        ("::1:443", ValueError, "[addr]:port"),
+        ("[::1]443", ValueError, "[v6addr]:port"),
+        ("[relay]:443", ValueError, "not an IPv6 address"),
+        ("https://relay.example.com:443", ValueError, "not a URL"),
+        ("user@relay:443", ValueError, "invalid host"),
+        (("relay", "443"), TypeError, "port must be an int"),
+        (("relay", True), TypeError, "port must be an int"),
+        (("relay", 70000), ValueError, "out of range"),
+        ((b"relay", 443), TypeError, "host must be a str"),
+        (443, TypeError, "target must be"),
+        (None, TypeError, "target must be"),
+    ],
+)
+def test_bad_targets_are_rejected_at_call_time(
+    target: Any, error: type[Exception], words: str
+) -> None:
+    with pytest.raises(error, match="target") as info:
+        sc.open_pool(target)  # no `async with`: the call itself must refuse
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "words"),
+    [
+        ({"max_connections": 0}, ValueError, "max_connections must be >= 1, got 0"),
+        ({"max_connections": -3}, ValueError, "max_connections"),
+        ({"max_connections": 2.5}, TypeError, "max_connections must be an int"),
+        ({"max_connections": True}, TypeError, "max_connections must be an int"),
+        ({"min_idle": -1}, ValueError, "min_idle must be >= 0"),
+        ({"min_idle": 11}, ValueError, "min_idle (11) must not exceed max_connections (10)"),
+        ({"connect_timeout": 0}, ValueError, "connect_timeout must be > 0"),
+        ({"connect_timeout": -1.0}, ValueError, "connect_timeout"),
+        ({"connect_timeout": math.nan}, ValueError, "connect_timeout must be > 0 seconds, got nan"),
+        ({"connect_timeout": math.inf}, ValueError, "connect_timeout must be finite"),
+        ({"acquire_timeout": -0.5}, ValueError, "acquire_timeout must be >= 0"),
+        ({"acquire_timeout": math.nan}, ValueError, "acquire_timeout"),
+        ({"acquire_timeout": "1"}, TypeError, "acquire_timeout must be a number"),
+        ({"idle_timeout": 0}, ValueError, "idle_timeout must be > 0"),
+        ({"max_lifetime": -5}, ValueError, "max_lifetime"),
+        ({"max_lifetime": math.nan}, ValueError, "max_lifetime"),
+        ({"cleanup_interval": 0}, ValueError, "cleanup_interval must be > 0"),
+        ({"cleanup_interval": math.inf}, ValueError, "cleanup_interval must be finite"),
+        ({"shutdown_timeout": -1}, ValueError, "shutdown_timeout must be >= 0"),
+        ({"namespace": ""}, ValueError, "namespace"),
+        ({"namespace": "bitcoin-sprint"}, ValueError, "namespace"),
+        ({"ssl_context": "yes"}, TypeError, "ssl_context"),
+        ({"open_transport": 42}, TypeError, "open_transport must be callable"),
+        ({"max_conections": 5}, TypeError, "unknown pool option(s) 'max_conections'"),
+    ],
+)
+def test_bad_options_are_rejected_at_call_time(
+    options: dict[str, Any], error: type[Exception], words: str
+) -> None:
+    with pytest.raises(error) as info:
+        sc.open_pool("relay.example.com:443", **options)
+    assert words in str(info.value)
+    with pytest.raises(error):  # the dataclass refuses the same values on its own
+        PoolConfig(**options)
+
+
+def test_server_or_unverifying_contexts_are_refused() -> None:
+    insecure = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    insecure.check_hostname = False
+    insecure.verify_mode = ssl.CERT_NONE
+    with pytest.raises(ValueError, match="ssl_context"):
+        sc.open_pool("relay.example.com:443", ssl_context=insecure)
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLSv1 is deprecated, as it should be
+        old.minimum_version = ssl.TLSVersion.TLSv1
+    with pytest.raises(ValueError, match="ssl_context"):
+        sc.open_pool("relay.example.com:443", ssl_context=old)
+
+
+def test_config_is_reusable_and_options_override_it() -> None:
+    config = PoolConfig(max_connections=50, min_idle=5, namespace="bitcoin_sprint")
+    assert PoolConfig().max_connections == 10  # the documented default
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.max_connections = 1  # type: ignore[misc]
+    tweaked = config.replace(acquire_timeout=2.0)
+    assert (tweaked.max_connections, tweaked.acquire_timeout) == (50, 2.0)
+    assert config.acquire_timeout == 0.0  # the original is untouched
+    with pytest.raises(ValueError, match="min_idle"):
+        config.replace(max_connections=4)  # now below min_idle=5: re-validated
+    with pytest.raises(TypeError, match="config must be a PoolConfig"):
+        sc.open_pool("relay.example.com:443", config={"max_connections": 5})  # type: ignore[arg-type]
+
+
+def test_options_typeddict_matches_config_fields() -> None:
+    # open_pool's **options are typed by PoolOptions; it must list exactly the config's fields.
+    fields = {field.name for field in dataclasses.fields(PoolConfig)}
+    assert set(typing.get_type_hints(sc.PoolOptions)) == fields

@@ -1,0 +1,486 @@
+"""The pool against a real TLS relay on 127.0.0.1: FAULTS.md rows 1-7, 10-13, 16."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import random
+import socket
+import ssl
+import warnings
+from typing import Any
+
+import pytest
+import trio
+import trustme
+
+import trio_securechannel as sc
+
+from conftest import CA, make_server_context
+from helpers import assert_all_slots_free, books, echo, wait_until
+from relay import Relay, closed_port
+
+
+async def test_round_trip_and_reuse(relay: Relay, client_context: ssl.SSLContext) -> None:
+    async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
+        assert not pool.healthy  # nothing established yet
+        for _ in range(3):
+            async with pool.connection() as channel:
+                assert (
+                    await echo(channel, b"Bitcoin transaction data") == b"Bitcoin transaction data"
+                )
+                assert channel.ssl_stream.version() in ("TLSv1.2", "TLSv1.3")
+                assert pool.healthy
+        status = pool.status()
+    assert status["connections"]["opened_total"] == 1  # reused, not reopened
+    assert relay.handshakes == 1
+    assert status["connections"]["idle"] == 1
+    assert status["errors_total"] == 0
+
+
+async def test_status_is_json_serialisable(relay: Relay, client_context: ssl.SSLContext) -> None:
+    async with (
+        sc.open_pool(relay.target, ssl_context=client_context) as pool,
+        pool.connection(),
+    ):
+        snapshot = json.loads(json.dumps(pool.status()))
+    assert snapshot["target"] == f"127.0.0.1:{relay.port}"
+    assert snapshot["connections"]["in_use"] == 1
+    assert snapshot["breaker"]["state"] == "closed"
+
+
+# -- row 1: refused, DNS failure -------------------------------------------------------------
+
+
+async def test_connection_refused_names_the_endpoint(client_context: ssl.SSLContext) -> None:
+    port = closed_port()
+    async with sc.open_pool(("127.0.0.1", port), ssl_context=client_context) as pool:
+        with pytest.raises(sc.ConnectError) as info:
+            async with pool.connection():
+                pytest.fail("a refused connection must not yield a channel")
+        assert f"127.0.0.1:{port}" in str(info.value)
+        assert info.value.phase == "tcp"
+        assert isinstance(info.value.__cause__, OSError)
+        assert books(pool)["opening"] == 0
+        assert pool.status()["errors_total"] == 1
+        assert pool.status()["errors_by_kind"] == {"tcp": 1}
+
+
+class _FailingResolver(trio.abc.HostnameResolver):
+    async def getaddrinfo(self, *args: Any, **kwargs: Any) -> Any:
+        await trio.lowlevel.checkpoint()
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    async def getnameinfo(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+
+async def test_dns_failure_is_a_connect_error(client_context: ssl.SSLContext) -> None:
+    previous = trio.socket.set_custom_hostname_resolver(_FailingResolver())
+    try:
+        async with sc.open_pool("no-such-relay.test:50002", ssl_context=client_context) as pool:
+            with pytest.raises(sc.ConnectError, match=r"no-such-relay\.test:50002") as info:
+                async with pool.connection():
+                    pass
+    finally:
+        trio.socket.set_custom_hostname_resolver(previous)
+    assert isinstance(info.value.__cause__, socket.gaierror)
+    assert books(pool)["opening"] == 0
+
+
+# -- rows 2, 3: a peer that never speaks TLS, or hangs up mid-handshake -----------------------
+
+
+async def test_silent_peer_times_out(relay: Relay, client_context: ssl.SSLContext) -> None:
+    relay.mode = "silent"
+    async with sc.open_pool(relay.target, ssl_context=client_context, connect_timeout=0.3) as pool:
+        started = trio.current_time()
+        with pytest.raises(sc.ConnectError, match=r"connect_timeout=0\.3s") as info:
+            async with pool.connection():
+                pass
+        assert trio.current_time() - started >= 0.3
+        assert info.value.phase == "timeout"
+        assert books(pool)["opening"] == 0
+        assert pool.status()["errors_by_kind"] == {"timeout": 1}
+        await wait_until(lambda: relay.endings["before_tls"] == 1)  # the relay sees it closed
+        relay.mode = "echo"
+        await assert_all_slots_free(pool)
+
+
+async def test_peer_hangs_up_during_handshake(relay: Relay, client_context: ssl.SSLContext) -> None:
+    relay.mode = "hangup"
+    async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
+        with pytest.raises(sc.ConnectError) as info:
+            async with pool.connection():
+                pass
+        assert info.value.phase == "tls"
+        assert info.value.__cause__ is not None
+        assert pool.status()["errors_total"] == 1
+        relay.mode = "echo"
+        await assert_all_slots_free(pool)
+
+
+# -- row 4: certificate problems fail closed --------------------------------------------------
+
+
+def _relay_context(cert: trustme.LeafCert) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(context)
+    return context
+
+
+_OTHER_CA = trustme.CA()
+_YESTERDAY = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=1)
+
+
+@pytest.mark.parametrize(
+    ("server_cert", "verify_words"),
+    [
+        (_OTHER_CA.issue_cert("127.0.0.1"), "unable to get local issuer certificate"),
+        (CA.issue_cert("relay.other.test"), "IP address mismatch"),
+        (
+            CA.issue_cert(
+                "127.0.0.1",
+                not_before=_YESTERDAY - datetime.timedelta(days=2),
+                not_after=_YESTERDAY,
+            ),
+            "certificate has expired",
+        ),
+    ],
+    ids=["untrusted-ca", "wrong-hostname", "expired"],
+)
+async def test_bad_certificates_fail_closed(
+    nursery: trio.Nursery,
+    client_context: ssl.SSLContext,
+    server_cert: trustme.LeafCert,
+    verify_words: str,
+) -> None:
+    relay = Relay(_relay_context(server_cert))
+    await nursery.start(relay.serve)
+    async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
+        with pytest.raises(sc.ConnectError, match=verify_words) as info:
+            async with pool.connection():
+                pass
+    assert isinstance(info.value.__cause__, ssl.SSLCertVerificationError)
+    assert info.value.phase == "tls"
+    assert relay.handshakes == 0
+    relay.stop()
+
+
+async def test_empty_root_store_fails_closed(
+    relay: Relay, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    empty = tmp_path / "empty.pem"
+    empty.write_text("")
+    context = sc.load_root_store(empty)
+    async with sc.open_pool(relay.target, ssl_context=context) as pool:
+        with pytest.raises(sc.ConnectError) as info:
+            async with pool.connection():
+                pass
+    assert isinstance(info.value.__cause__, ssl.SSLCertVerificationError)
+    assert relay.handshakes == 0
+
+
+async def test_server_name_is_checked_for_dns_names(
+    nursery: trio.Nursery, client_context: ssl.SSLContext
+) -> None:
+    # The relay's certificate names relay.test; reaching it as "localhost" must fail, as
+    # "relay.test" (resolved to 127.0.0.1 by a custom opener) must succeed.
+    relay = Relay(make_server_context())
+    await nursery.start(relay.serve)
+
+    async def to_relay(host: str, port: int) -> trio.abc.Stream:
+        return await trio.open_tcp_stream("127.0.0.1", relay.port)
+
+    options: dict[str, Any] = {"ssl_context": client_context, "open_transport": to_relay}
+    async with (
+        sc.open_pool(("relay.test", relay.port), **options) as pool,
+        pool.connection() as channel,
+    ):
+        assert await echo(channel, b"sni") == b"sni"
+    async with sc.open_pool(("wrong.test", relay.port), **options) as pool:
+        with pytest.raises(sc.ConnectError, match="Hostname mismatch"):
+            async with pool.connection():
+                pass
+    relay.stop()
+
+
+# -- row 5: never below TLS 1.2 ---------------------------------------------------------------
+
+
+async def test_tls_1_1_only_server_is_refused(
+    nursery: trio.Nursery, client_context: ssl.SSLContext
+) -> None:
+    context = make_server_context()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.1 is deprecated, rightly
+        context.minimum_version = ssl.TLSVersion.TLSv1
+        context.maximum_version = ssl.TLSVersion.TLSv1_1
+    relay = Relay(context)
+    await nursery.start(relay.serve)
+    async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
+        with pytest.raises(sc.ConnectError) as info:
+            async with pool.connection():
+                pass
+    assert info.value.phase == "tls"
+    assert isinstance(info.value.__cause__, ssl.SSLError)
+    assert relay.handshakes == 0
+    relay.stop()
+
+
+# -- row 6: the relay closed an idle pooled channel -------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["reset", "tls-close"])
+async def test_dead_idle_channel_is_replaced_at_checkout(
+    relay: Relay, client_context: ssl.SSLContext, how: str
+) -> None:
+    async with sc.open_pool(relay.target, ssl_context=client_context, cleanup_interval=60) as pool:
+        async with pool.connection() as channel:
+            assert await echo(channel, b"one") == b"one"
+        if how == "reset":
+            relay.reset_connections()
+        else:
+            relay.idle_close_after = 0.0
+            relay.reset_connections()  # the handler waiting with no timeout is replaced...
+            relay.idle_close_after = 0.05  # ...by fresh ones with an idle timeout
+        await trio.sleep(0.1)  # the relay's goodbye reaches our socket
+        async with pool.connection() as channel:
+            assert await echo(channel, b"two") == b"two"
+        status = pool.status()
+    assert status["connections"]["opened_total"] == 2
+    assert status["connections"]["closed_by_reason"] == {"stale": 1}
+    assert status["errors_total"] == 0  # a stale idle channel is not an error
+
+
+async def test_relay_idle_timeout_detected_by_cleanup_pass(
+    relay: Relay, client_context: ssl.SSLContext
+) -> None:
+    relay.idle_close_after = 0.05
+    options: dict[str, Any] = {"ssl_context": client_context, "cleanup_interval": 0.1}
+    async with sc.open_pool(relay.target, **options) as pool:
+        async with pool.connection() as channel:
+            assert await echo(channel, b"one") == b"one"
+        assert pool.healthy
+        await wait_until(lambda: books(pool)["idle"] == 0)
+        assert books(pool)["closed_by_reason"] == {"stale": 1}
+        assert relay.endings["relay_idle_close"] == 1
+        assert not pool.healthy  # the pool emptied: the flag resets
+
+
+async def test_fresh_tls13_channel_with_session_tickets_is_reused(
+    relay: Relay, client_context: ssl.SSLContext
+) -> None:
+    # A TLS 1.3 relay sends session tickets right after the handshake; they make an idle
+    # socket readable without meaning anything is wrong.
+    async with sc.open_pool(relay.target, ssl_context=client_context, min_idle=1) as pool:
+        await wait_until(lambda: books(pool)["idle"] == 1)
+        await trio.sleep(0.05)  # the tickets arrive
+        async with pool.connection() as channel:
+            assert channel.ssl_stream.version() == "TLSv1.3"
+            assert await echo(channel, b"warm") == b"warm"
+        assert books(pool)["opened_total"] == 1
+        assert books(pool)["closed_total"] == 0
+
+
+async def test_unread_reply_keeps_channel_from_reuse(
+    relay: Relay, client_context: ssl.SSLContext
+) -> None:
+    async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
+        async with pool.connection() as channel:
+            assert await echo(channel, b"read") == b"read"
+            await channel.send_all(b"left unread")
+        await trio.sleep(0.05)
+        async with pool.connection() as channel:
+            assert await echo(channel, b"fresh") == b"fresh"  # not b"left unread"
+        assert books(pool)["closed_by_reason"] == {"stale": 1}
+
+
+# -- row 7: reset while checked out -----------------------------------------------------------
+
+
+async def test_reset_while_checked_out(relay: Relay, client_context: ssl.SSLContext) -> None:
+    async with sc.open_pool(relay.target, ssl_context=client_context, max_connections=2) as pool:
+
+        async def use_through_a_reset() -> None:
+            async with pool.connection() as channel:
+                assert await echo(channel, b"before") == b"before"
+                relay.reset_connections()
+                with pytest.raises(trio.BrokenResourceError):
+                    await channel.receive_some()
+                assert channel.errors == {"io": 1}
+                with pytest.raises(trio.BrokenResourceError):  # still broken, still one error
+                    await channel.send_all(b"again")
+                assert pool.status()["errors_total"] == 1  # visible while still checked out
+                await channel.receive_some()  # the caller lets it propagate
+
+        with pytest.raises(trio.BrokenResourceError):
+            await use_through_a_reset()
+        status = pool.status()
+        assert status["errors_total"] == 1
+        assert status["errors_by_kind"] == {"io": 1}
+        assert status["connections"]["closed_by_reason"] == {"error": 1}
+        await assert_all_slots_free(pool)
+        assert pool.status()["errors_total"] == 1
+
+
+# -- rows 11-13: the block's own exceptions, exhaustion, FIFO waits ---------------------------
+
+
+class AppError(Exception):
+    pass
+
+
+async def test_app_exception_comes_out_bare_and_channel_is_dropped(
+    relay: Relay, client_context: ssl.SSLContext
+) -> None:
+    async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
+        lent: list[sc.SecureChannel] = []
+
+        async def fail_mid_message() -> None:
+            async with pool.connection() as channel:
+                lent.append(channel)
+                await channel.send_all(b"half a mess")
+                raise AppError("boom")
+
+        with pytest.raises(AppError) as info:
+            await fail_mid_message()
+        assert type(info.value) is AppError  # not an ExceptionGroup
+        channel = lent[0]
+        assert channel.closed
+        assert books(pool)["closed_by_reason"] == {"aborted": 1}
+        async with pool.connection() as second:
+            assert second is not channel
+            assert await echo(second, b"clean") == b"clean"
+        assert pool.status()["errors_total"] == 0  # the application's error is not ours
+
+
+async def test_exception_in_pool_body_comes_out_bare(
+    relay: Relay, client_context: ssl.SSLContext
+) -> None:
+    with pytest.raises(AppError):
+        async with sc.open_pool(relay.target, ssl_context=client_context, min_idle=2):
+            raise AppError("from the pool body")
+
+
+async def test_cancel_inside_block_discards_channel(
+    relay: Relay, client_context: ssl.SSLContext
+) -> None:
+    relay.echo_delay = 10
+    async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
+        with trio.move_on_after(0.1) as scope:
+            async with pool.connection() as channel:
+                await channel.send_all(b"slow")
+                await channel.receive_some()
+        assert scope.cancelled_caught
+        assert channel.closed
+        assert books(pool)["closed_by_reason"] == {"aborted": 1}
+        relay.echo_delay = 0
+        await assert_all_slots_free(pool)
+
+
+async def test_exhausted_at_once_with_zero_acquire_timeout(
+    relay: Relay, client_context: ssl.SSLContext
+) -> None:
+    async with sc.open_pool(relay.target, ssl_context=client_context, max_connections=2) as pool:
+        async with pool.connection(), pool.connection():
+            with pytest.raises(sc.PoolExhausted, match="Connection pool exhausted") as info:
+                async with pool.connection():
+                    pass
+            assert info.value.max_connections == 2
+            assert books(pool)["in_use"] == 2
+        assert pool.status()["pool_exhausted_total"] == 1
+        await assert_all_slots_free(pool)
+
+
+async def test_waiters_are_served_fifo_then_time_out(
+    relay: Relay, client_context: ssl.SSLContext
+) -> None:
+    options: dict[str, Any] = {"max_connections": 1, "acquire_timeout": 5.0}
+    async with sc.open_pool(relay.target, ssl_context=client_context, **options) as pool:
+        order: list[int] = []
+
+        async def wait_then_use(n: int) -> None:
+            async with pool.connection() as channel:
+                order.append(n)
+                assert await echo(channel, b"%d" % n) == b"%d" % n
+
+        release = trio.Event()
+
+        async def hold(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            async with pool.connection():
+                task_status.started()
+                await release.wait()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hold)
+            for n in range(5):
+                nursery.start_soon(wait_then_use, n)
+                await trio.testing.wait_all_tasks_blocked()
+            assert books(pool)["waiting"] == 5
+            release.set()  # the holder leaves; the line moves in order
+        assert order == [0, 1, 2, 3, 4]
+        assert books(pool)["opened_total"] == 1  # one channel, handed from task to task
+
+    short: dict[str, Any] = {"max_connections": 1, "acquire_timeout": 0.2}
+    async with sc.open_pool(relay.target, ssl_context=client_context, **short) as pool:
+        async with pool.connection():
+            started = trio.current_time()
+            with pytest.raises(sc.PoolExhausted, match=r"waited 0\.2s"):
+                async with pool.connection():
+                    pass
+            assert trio.current_time() - started >= 0.2
+            assert books(pool)["waiting"] == 0
+        assert pool.status()["pool_exhausted_total"] == 1
+
+
+# -- row 16: 1000 tasks on 50 connections -----------------------------------------------------
+
+
+async def test_thousand_tasks_on_fifty_channels(
+    relay: Relay, client_context: ssl.SSLContext
+) -> None:
+    options: dict[str, Any] = {"max_connections": 50, "acquire_timeout": 60.0}
+    rng = random.Random(1000)
+    async with sc.open_pool(relay.target, ssl_context=client_context, **options) as pool:
+        peak = 0
+
+        async def worker(n: int) -> None:
+            nonlocal peak
+            payload = rng.randbytes(rng.randrange(1, 4096)) + b"#%d" % n
+            async with pool.connection() as channel:
+                peak = max(peak, books(pool)["in_use"] + books(pool)["opening"])
+                assert await echo(channel, payload) == payload
+
+        async with trio.open_nursery() as nursery:
+            for n in range(1000):
+                nursery.start_soon(worker, n)
+        status = pool.status()
+    assert peak <= 50
+    assert relay.max_active <= 50
+    assert status["connections"]["opened_total"] <= 50
+    assert status["connections"]["in_use"] == 0
+    assert status["errors_total"] == 0
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+async def test_no_socket_left_open(relay: Relay, client_context: ssl.SSLContext) -> None:
+    before = _open_fds()
+    async with (
+        sc.open_pool(relay.target, ssl_context=client_context, max_connections=8) as pool,
+        trio.open_nursery() as nursery,
+    ):
+        for _ in range(8):
+            nursery.start_soon(_one_round_trip, pool)
+    await wait_until(lambda: relay.active == 0)
+    assert _open_fds() == before
+
+
+async def _one_round_trip(pool: sc.SecureChannelPool) -> None:
+    async with pool.connection() as channel:
+        assert await echo(channel, b"x") == b"x"

@@ -1,0 +1,347 @@
+"""`open_pool` and `SecureChannelPool`: checkout, give-back and shutdown around the books."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, final
+
+import trio
+
+from ._channel import SecureChannel
+from ._config import PoolConfig, PoolOptions
+from ._connect import open_channel
+from ._endpoint import Endpoint, Target
+from ._errors import ConnectError, PoolClosed, PoolExhausted
+from ._slots import CLOSED, Grant, Slots
+from ._tls import load_root_store
+from ._upkeep import Upkeep
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+logger = logging.getLogger("trio_securechannel")
+
+
+@final
+class SecureChannelPool:
+    """A bounded pool of TLS channels to one relay. Made by `open_pool`, not directly.
+
+    Attributes:
+        endpoint: The relay.
+        config: The validated options.
+        ssl_context: The client context every handshake uses.
+    """
+
+    def __init__(self, endpoint: Endpoint, config: PoolConfig, ssl_context: ssl.SSLContext) -> None:
+        self.endpoint = endpoint
+        self.config = config
+        self.ssl_context = ssl_context
+        self._slots = Slots(config.max_connections)
+        self._upkeep = Upkeep(self)
+        self._drained = trio.lowlevel.ParkingLot()  # shutdown waits here for lent channels
+        self._opened_total = 0
+        self._closed_by_reason: Counter[str] = Counter()
+        # Errors of channels already gone and of opens that failed. Errors of live channels
+        # stay on the channel; `status` adds the two, so nothing is counted twice.
+        self._past_errors: Counter[str] = Counter()
+        self._exhausted_total = 0
+
+    def __repr__(self) -> str:
+        slots = self._slots
+        return (
+            f"<SecureChannelPool {self.endpoint} idle={len(slots.idle)}"
+            f" in_use={len(slots.in_use)} max={slots.max_connections}"
+            f"{' closed' if slots.closed else ''}>"
+        )
+
+    @property
+    def healthy(self) -> bool:
+        """True while at least one channel is established; False before and once empty."""
+        return self._slots.open_count > 0
+
+    def connection(self) -> AbstractAsyncContextManager[SecureChannel]:
+        """Check a channel out for the duration of an ``async with`` block.
+
+        The warmest idle channel is reused (LIFO) after a one-``poll()`` liveness check,
+        else a new one is opened, else the call waits its turn (FIFO) for up to
+        ``acquire_timeout``. When the block ends normally the channel goes back to the
+        pool; after an exception or a cancellation it is closed instead, and the exception
+        leaves the block unchanged.
+
+        Raises:
+            PoolExhausted: All ``max_connections`` are in use and none came free in time.
+            ConnectError: A new channel was needed and could not be opened.
+            PoolClosed: The pool is shutting down.
+        """
+        return _Lease(self)
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-serialisable snapshot of the pool's state and counters."""
+        slots = self._slots
+        errors = self._past_errors.copy()
+        for channel in slots.in_use:
+            errors.update(channel.errors)
+        return {
+            "target": str(self.endpoint),
+            "healthy": self.healthy,
+            "closed": slots.closed,
+            "connections": {
+                "idle": len(slots.idle),
+                "in_use": len(slots.in_use),
+                "opening": slots.opening,
+                "waiting": len(slots.waiters),
+                "max": slots.max_connections,
+                "min_idle": self.config.min_idle,
+                "opened_total": self._opened_total,
+                "closed_total": sum(self._closed_by_reason.values()),
+                "closed_by_reason": dict(self._closed_by_reason),
+            },
+            "breaker": {"state": "closed"},
+            "errors_total": sum(errors.values()),
+            "errors_by_kind": dict(errors),
+            "pool_exhausted_total": self._exhausted_total,
+        }
+
+    # -- checkout -------------------------------------------------------------------------
+
+    async def _checkout(self) -> SecureChannel:
+        await trio.lowlevel.checkpoint()
+        grant = self._slots.try_take()
+        if grant is None:
+            grant = await self._wait_turn()
+        self._upkeep.notice_change()
+        while isinstance(grant, SecureChannel):
+            try:
+                unfit = await self._unfit_reason(grant)
+            except BaseException:
+                self._slots.forget(grant)
+                await self._retire(grant, "aborted", graceful=False)
+                raise
+            if unfit is None:
+                return grant
+            dead, grant = grant, self._slots.swap_dead(grant)
+            await self._retire(dead, unfit, graceful=False)
+        if grant is CLOSED:
+            raise PoolClosed(str(self.endpoint))
+        return await self.open_in_reserved_slot(lend=True)
+
+    async def _wait_turn(self) -> SecureChannel | Grant:
+        """Wait in line for a channel or a slot, for up to ``acquire_timeout``."""
+        timeout = self.config.acquire_timeout
+        if timeout > 0:
+            waiter = self._slots.enqueue()
+            try:
+                with trio.move_on_after(timeout):
+                    await waiter.event.wait()
+            except BaseException:
+                orphan = self._slots.withdraw(waiter)
+                if orphan is not None:
+                    await self._retire(orphan, "shutdown", graceful=False)
+                raise
+            if waiter.grant is not None:
+                return waiter.grant  # granted, even if it came with the deadline
+            self._slots.withdraw(waiter)
+        self._exhausted_total += 1
+        raise PoolExhausted(str(self.endpoint), self.config.max_connections, timeout)
+
+    async def _unfit_reason(self, channel: SecureChannel) -> str | None:
+        """Why an idle channel must not be lent (None: fit). One poll() when all is well."""
+        max_lifetime = self.config.max_lifetime
+        if max_lifetime is not None and trio.current_time() - channel.opened_at >= max_lifetime:
+            return "lifetime"
+        if not channel.has_pending_input():
+            return None
+        return None if await channel.settle_pending_input() else "stale"
+
+    async def open_in_reserved_slot(self, *, lend: bool) -> SecureChannel:
+        """Open a channel in a slot already reserved in the books; free the slot on failure.
+
+        With ``lend`` the caller holds the new channel; otherwise it goes back to the pool
+        as a spare (to a waiter first).
+        """
+        try:
+            channel = await open_channel(
+                self.endpoint,
+                self.ssl_context,
+                connect_timeout=self.config.connect_timeout,
+                open_transport=self.config.open_transport,
+            )
+        except BaseException as exc:
+            self._slots.open_failed()
+            if isinstance(exc, ConnectError):
+                self._past_errors[exc.phase] += 1
+            self._released()
+            raise
+        self._opened_total += 1
+        self._slots.opened(channel)
+        logger.debug("opened %r", channel)
+        if self._slots.closed:
+            self._slots.forget(channel)
+            await self._retire(channel, "shutdown", graceful=True)
+            raise PoolClosed(str(self.endpoint))
+        if not lend:
+            self._slots.give_back(channel)
+        return channel
+
+    # -- give-back and closing ------------------------------------------------------------
+
+    def _give_back(self, channel: SecureChannel) -> str | None:
+        """The lease ended normally: keep the channel, or say why it must be closed."""
+        slots = self._slots
+        if channel not in slots.in_use:
+            return None  # already force-closed by a shutdown that ran out of time
+        max_lifetime = self.config.max_lifetime
+        if slots.closed:
+            reason: str | None = "shutdown"
+        elif channel.spent is not None:
+            reason = channel.spent
+        elif max_lifetime is not None and trio.current_time() - channel.opened_at >= max_lifetime:
+            reason = "lifetime"
+        else:
+            channel.idle_since = trio.current_time()
+            slots.give_back(channel)
+            return None
+        slots.forget(channel)
+        return reason
+
+    async def _discard(self, channel: SecureChannel) -> None:
+        """The lease ended with an exception or a cancellation: never reuse the channel."""
+        if channel not in self._slots.in_use:
+            return
+        self._slots.forget(channel)
+        await self._retire(channel, "error" if channel.errors else "aborted", graceful=False)
+
+    async def _retire(self, channel: SecureChannel, reason: str, *, graceful: bool) -> None:
+        """Close a channel that has left the books. Never raises; bounded in time.
+
+        Graceful: a TLS close_notify within ``shutdown_timeout``. Otherwise (the channel
+        may be mid-record, or its peer gone) the socket is closed at once.
+        """
+        self._closed_by_reason[reason] += 1
+        self._past_errors.update(channel.errors)
+        self._released()
+        logger.debug("closing %r (%s)", channel, reason)
+        with trio.CancelScope(shield=True) as scope:
+            if graceful:
+                scope.deadline = trio.current_time() + self.config.shutdown_timeout
+            else:
+                scope.cancel()  # SSLStream.aclose then closes the socket without a goodbye
+            try:
+                await channel.aclose()
+            except (trio.BrokenResourceError, OSError) as exc:
+                logger.debug("closing %r: %r", channel, exc)
+
+    def _released(self) -> None:
+        """A channel or a slot left the books: whoever waits for that may go on."""
+        if self._slots.closed:
+            self._drained.unpark_all()
+        else:
+            self._upkeep.notice_change()
+
+    async def _shutdown(self) -> None:
+        """Stop lending, close idle channels gracefully, wait (bounded) for lent ones."""
+        slots = self._slots
+        deadline = trio.current_time() + self.config.shutdown_timeout
+        with trio.CancelScope(shield=True, deadline=deadline):
+            idle = slots.close()
+            async with trio.open_nursery() as nursery:
+                for channel in idle:
+                    nursery.start_soon(self._close_idle_for_shutdown, channel)
+            while slots.in_use or slots.opening:
+                await self._drained.park()
+        # Out of time: close what is still lent out under its users' feet.
+        for channel in list(slots.in_use):
+            slots.forget(channel)
+            await self._retire(channel, "shutdown", graceful=False)
+
+    async def _close_idle_for_shutdown(self, channel: SecureChannel) -> None:
+        await self._retire(channel, "shutdown", graceful=True)
+
+
+@final
+class _Lease:
+    """``async with pool.connection() as channel``: one checkout and its end."""
+
+    __slots__ = ("_channel", "_pool")
+
+    def __init__(self, pool: SecureChannelPool) -> None:
+        self._pool = pool
+        self._channel: SecureChannel | None = None
+
+    async def __aenter__(self) -> SecureChannel:
+        if self._channel is not None:
+            raise RuntimeError("a pool.connection() lease cannot be entered twice")
+        self._channel = await self._pool._checkout()
+        return self._channel
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Returns None: the block's own exception, if any, always propagates unchanged.
+        channel, pool = self._channel, self._pool
+        assert channel is not None
+        if exc_type is not None:
+            await pool._discard(channel)
+            return
+        reason = pool._give_back(channel)
+        if reason is not None:
+            await pool._retire(channel, reason, graceful=True)
+
+
+def open_pool(
+    target: Target, *, config: PoolConfig | None = None, **options: Unpack[PoolOptions]
+) -> AbstractAsyncContextManager[SecureChannelPool]:
+    """Open a pool of TLS channels to ``target`` for the duration of an ``async with``.
+
+    The pool owns a nursery for its background work (cleanup passes, keeping ``min_idle``
+    spares). Leaving the block stops new checkouts (`PoolClosed`), closes idle channels
+    with a TLS close_notify and waits up to ``shutdown_timeout`` for lent ones to come
+    back before closing them anyway.
+
+    Args:
+        target: ``"host:port"``, ``"[v6addr]:port"`` or ``(host, port)``.
+        config: A `PoolConfig` to start from.
+        **options: `PoolConfig` fields, overriding ``config``.
+
+    Returns:
+        An async context manager yielding the `SecureChannelPool`.
+
+    Raises:
+        TypeError: An unknown option, or an option of the wrong type.
+        ValueError: A malformed target or an out-of-range option, naming it.
+    """
+    endpoint = Endpoint.parse(target)
+    if config is not None and not isinstance(config, PoolConfig):
+        raise TypeError(f"config must be a PoolConfig, got {type(config).__name__}")
+    base = config if config is not None else PoolConfig()
+    return _run_pool(endpoint, base.replace(**options) if options else base)
+
+
+@asynccontextmanager
+async def _run_pool(endpoint: Endpoint, config: PoolConfig) -> AsyncIterator[SecureChannelPool]:
+    ssl_context = config.ssl_context
+    if ssl_context is None:
+        # Reading the system's roots is blocking file I/O: keep it off the event loop.
+        ssl_context = await trio.to_thread.run_sync(load_root_store)
+    pool = SecureChannelPool(endpoint, config, ssl_context)
+    body_error: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        pool._upkeep.start(nursery)
+        try:
+            yield pool
+        except BaseException as exc:
+            # Re-raised below, outside the nursery, so it never comes out in an ExceptionGroup.
+            body_error = exc
+        finally:
+            nursery.cancel_scope.cancel()
+            await pool._shutdown()
+    if body_error is not None:
+        raise body_error

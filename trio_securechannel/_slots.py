@@ -1,0 +1,177 @@
+"""The pool's books: which channels are idle, in use or being opened, and who waits.
+
+Pure synchronous state, no I/O (as httpcore keeps its connection assignment apart from its
+network calls): the pool calls these methods and does the awaiting around them. Every
+method keeps one invariant: ``len(idle) + len(in_use) + opening <= max_connections``.
+
+Handoff is direct: a channel given back, or a slot freed, goes to the longest-waiting task
+before anyone else can take it, so waiters are served in FIFO order and nobody barges.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from typing import Final, final
+
+import trio
+
+from ._channel import SecureChannel
+
+
+class Grant(enum.Enum):
+    """What a checkout may be granted besides an idle channel."""
+
+    OPEN = "permission to open a new channel in a reserved slot"
+    CLOSED = "the pool closed while waiting"
+
+
+OPEN: Final = Grant.OPEN
+CLOSED: Final = Grant.CLOSED
+
+
+@final
+class Waiter:
+    """A task waiting in line for a channel or a slot."""
+
+    __slots__ = ("event", "grant")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.grant: SecureChannel | Grant | None = None
+
+
+@final
+class Slots:
+    """Idle channels (a LIFO stack), channels in use, slots being opened, FIFO waiters."""
+
+    def __init__(self, max_connections: int) -> None:
+        self.max_connections = max_connections
+        # Most recently used on the right: reusing the warmest channel keeps few channels
+        # busy, so the surplus ages out through idle_timeout (and the oldest are reaped
+        # first, from the left).
+        self.idle: deque[SecureChannel] = deque()
+        self.in_use: set[SecureChannel] = set()
+        self.opening = 0
+        self.waiters: deque[Waiter] = deque()
+        self.closed = False
+
+    @property
+    def open_count(self) -> int:
+        """Channels that exist: idle or in use."""
+        return len(self.idle) + len(self.in_use)
+
+    @property
+    def total(self) -> int:
+        """Everything counted against ``max_connections``, slots being opened included."""
+        return len(self.idle) + len(self.in_use) + self.opening
+
+    def try_take(self) -> SecureChannel | Grant | None:
+        """Take the warmest idle channel, else a slot to open one; None means wait."""
+        if self.closed:
+            return CLOSED
+        if self.waiters:
+            return None  # others are in line first
+        if self.idle:
+            channel = self.idle.pop()
+            self.in_use.add(channel)
+            return channel
+        if self.total < self.max_connections:
+            self.opening += 1
+            return OPEN
+        return None
+
+    def reserve_spare(self) -> bool:
+        """Reserve a slot to open a warm spare channel, if nobody needs it more."""
+        if self.closed or self.waiters or self.total >= self.max_connections:
+            return False
+        self.opening += 1
+        return True
+
+    def enqueue(self) -> Waiter:
+        waiter = Waiter()
+        self.waiters.append(waiter)
+        return waiter
+
+    def withdraw(self, waiter: Waiter) -> SecureChannel | None:
+        """Take a waiter out of line; whatever it was granted passes on to the next.
+
+        Returns a channel the caller must close: one granted before the pool closed.
+        """
+        grant, waiter.grant = waiter.grant, None
+        if grant is None:
+            self.waiters.remove(waiter)
+        elif grant is OPEN:
+            self.open_failed()
+        elif isinstance(grant, SecureChannel):
+            if self.closed:
+                self.in_use.remove(grant)
+                return grant
+            self.give_back(grant)
+        return None
+
+    def opened(self, channel: SecureChannel) -> None:
+        """A slot being opened became ``channel``, held by whoever opened it."""
+        self.opening -= 1
+        self.in_use.add(channel)
+
+    def open_failed(self) -> None:
+        """A slot being opened came to nothing: pass it on."""
+        self.opening -= 1
+        self._pass_on_free_slot()
+
+    def give_back(self, channel: SecureChannel) -> None:
+        """A held channel fit for reuse: to the first waiter, else onto the idle stack.
+
+        Only while the pool is open; after `close` held channels are forgotten and closed.
+        """
+        if self.waiters:
+            waiter = self.waiters.popleft()
+            waiter.grant = channel
+            waiter.event.set()
+        else:
+            self.in_use.remove(channel)
+            self.idle.append(channel)
+
+    def take_idle(self, channel: SecureChannel) -> None:
+        """Move a specific idle channel to in use (for the cleanup pass to inspect it)."""
+        self.idle.remove(channel)
+        self.in_use.add(channel)
+
+    def forget(self, channel: SecureChannel) -> None:
+        """A channel leaves the pool (the caller closes it); its slot passes on."""
+        if channel in self.in_use:
+            self.in_use.remove(channel)
+        else:
+            self.idle.remove(channel)
+        self._pass_on_free_slot()
+
+    def swap_dead(self, channel: SecureChannel) -> SecureChannel | Grant:
+        """A held channel turned out dead: keep the holder's turn, give it another or a slot."""
+        self.in_use.remove(channel)
+        if self.closed:
+            return CLOSED
+        if self.idle:
+            replacement = self.idle.pop()
+            self.in_use.add(replacement)
+            return replacement
+        self.opening += 1
+        return OPEN
+
+    def close(self) -> list[SecureChannel]:
+        """Stop lending: wake every waiter with CLOSED and hand back the idle channels."""
+        self.closed = True
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            waiter.grant = CLOSED
+            waiter.event.set()
+        idle = list(self.idle)
+        self.idle.clear()
+        return idle
+
+    def _pass_on_free_slot(self) -> None:
+        if self.waiters and not self.closed:
+            waiter = self.waiters.popleft()
+            self.opening += 1
+            waiter.grant = OPEN
+            waiter.event.set()
