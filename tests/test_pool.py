@@ -182,6 +182,18 @@ async def test_empty_root_store_fails_closed(
     assert relay.handshakes == 0
 
 
+async def test_default_context_uses_system_roots_and_fails_closed(relay: Relay) -> None:
+    # No ssl_context: the system's roots, which do not include this test's throwaway CA.
+    async with sc.open_pool(relay.target) as pool:
+        assert pool.ssl_context.verify_mode == ssl.CERT_REQUIRED
+        assert pool.ssl_context.minimum_version == ssl.TLSVersion.TLSv1_2
+        with pytest.raises(sc.ConnectError, match="certificate verify failed") as info:
+            async with pool.connection():
+                pass
+    assert isinstance(info.value.__cause__, ssl.SSLCertVerificationError)
+    assert relay.handshakes == 0
+
+
 async def test_server_name_is_checked_for_dns_names(
     nursery: trio.Nursery, client_context: ssl.SSLContext
 ) -> None:
