@@ -35,6 +35,11 @@ class _TLSEchoServer:
         # Close a connection (with a TLS close_notify) after this long without a request,
         # as relays with an idle timeout do.
         self.idle_close_after = float("inf")
+        # Send TLS 1.3 session tickets as soon as the handshake completes, as OpenSSL-based
+        # servers do (trio holds them back until its first write).
+        self.tickets_right_away = False
+        # Each open connection, with a lock so pushes and echoes take turns sending.
+        self._tls_streams: dict[trio.SSLStream[Any], trio.Lock] = {}
         # How client connections ended: "close_notify" (a clean TLS close) or "ragged"
         # (TCP closed without one).
         self.endings: Counter[str] = Counter()
@@ -65,6 +70,10 @@ class _TLSEchoServer:
             finally:
                 self.handshaking -= 1
             self.handshakes += 1
+            if self.tickets_right_away and stream._delayed_outgoing:
+                await stream.transport_stream.send_all(stream._delayed_outgoing)
+                stream._delayed_outgoing = None
+            send_lock = self._tls_streams[stream] = trio.Lock()
             while True:
                 with trio.move_on_after(self.idle_close_after):
                     data = await stream.receive_some()
@@ -73,7 +82,8 @@ class _TLSEchoServer:
                         return
                     if self.echo_delay:
                         await trio.sleep(self.echo_delay)
-                    await stream.send_all(data)
+                    async with send_lock:
+                        await stream.send_all(data)
                     self.echoed_bytes += len(data)
                     continue
                 self.endings["relay_idle_close"] += 1
@@ -85,7 +95,14 @@ class _TLSEchoServer:
             pass  # the test shut this connection down itself
         finally:
             self.active -= 1
+            self._tls_streams.pop(stream, None)
             await trio.aclose_forcefully(stream)
+
+    async def push(self, data: bytes) -> None:
+        """Send ``data`` unasked on every open connection, as a subscription feed would."""
+        for stream, send_lock in list(self._tls_streams.items()):
+            async with send_lock:
+                await stream.send_all(data)
 
 
 class Relay(_TLSEchoServer):

@@ -177,5 +177,5 @@ async def test_cancel_during_handshake_closes_the_half_made_connection(
 
 async def _drain_idle(pool: sc.SecureChannelPool) -> None:
     for channel in list(pool._slots.idle):
-        pool._slots.forget(channel)
+        pool._slots.evict_idle(channel)
         await pool._retire(channel, "test", graceful=False)

@@ -46,6 +46,8 @@ def test_targets_parse(target: sc.Target, host: str, port: int) -> None:
         ("[relay]:443", ValueError, "not an IPv6 address"),
         ("https://relay.example.com:443", ValueError, "not a URL"),
         ("user@relay:443", ValueError, "invalid host"),
+        ("relay..example.com:443", ValueError, "invalid host name"),
+        ("x" * 64 + ".example.com:443", ValueError, "invalid host name"),
         (("relay", "443"), TypeError, "port must be an int"),
         (("relay", True), TypeError, "port must be an int"),
         (("relay", 70000), ValueError, "out of range"),
@@ -89,6 +91,11 @@ def test_bad_targets_are_rejected_at_call_time(
         ({"ssl_context": "yes"}, TypeError, "ssl_context"),
         ({"open_transport": 42}, TypeError, "open_transport must be callable"),
         ({"max_conections": 5}, TypeError, "unknown pool option(s) 'max_conections'"),
+        ({"breaker_failure_threshold": 0}, ValueError, "breaker_failure_threshold must be >= 1"),
+        ({"breaker_cooldown": -1}, ValueError, "breaker_cooldown must be >= 0"),
+        ({"breaker_cooldown": math.nan}, ValueError, "breaker_cooldown"),
+        ({"breaker_cooldown": math.inf}, ValueError, "breaker_cooldown must be finite"),
+        ({"breaker_half_open_trials": 0}, ValueError, "breaker_half_open_trials must be >= 1"),
     ],
 )
 def test_bad_options_are_rejected_at_call_time(

@@ -16,6 +16,8 @@ import trio
 import trustme
 
 import trio_securechannel as sc
+from trio_securechannel import Endpoint
+from trio_securechannel._connect import open_channel
 
 from conftest import CA, make_server_context
 from helpers import assert_all_slots_free, books, echo, wait_until
@@ -281,32 +283,71 @@ async def test_relay_idle_timeout_detected_by_cleanup_pass(
         assert not pool.healthy  # the pool emptied: the flag resets
 
 
-async def test_fresh_tls13_channel_with_session_tickets_is_reused(
+async def test_spare_absorbs_session_tickets_sent_right_after_handshake(
     relay: Relay, client_context: ssl.SSLContext
 ) -> None:
-    # A TLS 1.3 relay sends session tickets right after the handshake; they make an idle
-    # socket readable without meaning anything is wrong.
+    # OpenSSL-based relays send TLS 1.3 session tickets about a round trip after the
+    # handshake. Nobody reads a spare, so the spare reads them itself before it is pooled;
+    # otherwise it would look, at checkout, like a channel whose relay spoke unasked.
+    relay.tickets_right_away = True
+    control = await open_channel(Endpoint(*relay.target), client_context, connect_timeout=5.0)
+    await wait_until(control.has_pending_input)  # opened directly: nobody read its tickets
+    await control.aclose()
     async with sc.open_pool(relay.target, ssl_context=client_context, min_idle=1) as pool:
         await wait_until(lambda: books(pool)["idle"] == 1)
-        await trio.sleep(0.05)  # the tickets arrive
+        assert not pool._slots.idle[0].has_pending_input()  # the tickets were read
         async with pool.connection() as channel:
             assert channel.ssl_stream.version() == "TLSv1.3"
             assert await echo(channel, b"warm") == b"warm"
-        assert books(pool)["opened_total"] == 1
+        assert books(pool)["opened_total"] == 1  # the spare itself was lent
         assert books(pool)["closed_total"] == 0
 
 
-async def test_unread_reply_keeps_channel_from_reuse(
+async def test_block_ending_on_a_send_is_not_pooled(
+    relay: Relay, client_context: ssl.SSLContext
+) -> None:
+    relay.echo_delay = 0.1  # the reply is still on its way when the block ends
+    async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
+        async with pool.connection() as first:
+            assert await echo(first, b"read") == b"read"
+            await first.send_all(b"left unread")
+        assert first.closed  # its reply would have reached the next user
+        async with pool.connection() as second:
+            assert second is not first
+            assert await echo(second, b"fresh") == b"fresh"
+        assert books(pool)["closed_by_reason"] == {"unanswered": 1}
+
+
+async def test_data_pushed_onto_an_idle_channel_is_detected(
     relay: Relay, client_context: ssl.SSLContext
 ) -> None:
     async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
-        async with pool.connection() as channel:
-            assert await echo(channel, b"read") == b"read"
-            await channel.send_all(b"left unread")
-        await trio.sleep(0.05)
-        async with pool.connection() as channel:
-            assert await echo(channel, b"fresh") == b"fresh"  # not b"left unread"
+        async with pool.connection() as first:
+            assert await echo(first, b"request") == b"request"
+        await relay.push(b'{"method": "blockchain.headers.subscribe", "params": []}\n')
+        await wait_until(first.has_pending_input)
+        async with pool.connection() as second:
+            assert second is not first
+            assert await echo(second, b"mine") == b"mine"  # not the pushed notification
         assert books(pool)["closed_by_reason"] == {"stale": 1}
+
+
+async def test_channel_closed_by_a_user_who_kept_it_is_not_lent(
+    relay: Relay, client_context: ssl.SSLContext
+) -> None:
+    options: dict[str, Any] = {"ssl_context": client_context, "cleanup_interval": 0.05}
+    async with sc.open_pool(relay.target, **options) as pool:
+        for how in ("checkout", "cleanup pass"):
+            async with pool.connection() as kept:
+                assert await echo(kept, b"x") == b"x"
+            await kept.aclose()  # misuse: the channel belongs to the pool again
+            if how == "checkout":
+                async with pool.connection() as channel:
+                    assert channel is not kept
+                    assert await echo(channel, b"y") == b"y"
+            else:
+                await wait_until(lambda: books(pool)["idle"] == 0)
+        assert books(pool)["closed_by_reason"] == {"closed": 2}
 
 
 # -- row 7: reset while checked out -----------------------------------------------------------

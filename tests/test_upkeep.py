@@ -134,7 +134,8 @@ async def test_failing_spares_back_off_exponentially_then_recover(
 ) -> None:
     memory_relay.mode = "refuse"
     start = trio.current_time()
-    async with memory_pool(memory_relay, client_context, min_idle=1) as pool:
+    options = {"min_idle": 1, "breaker_failure_threshold": 100}  # backoff alone, no breaker
+    async with memory_pool(memory_relay, client_context, **options) as pool:
         await sleep_until_offset(start, 20.0)
         attempts = [t - start for t in memory_relay.connect_times]
         assert attempts == [0.0, 0.5, 1.5, 3.5, 7.5, 15.5]  # 0.5 s, doubling
@@ -164,10 +165,29 @@ async def test_acquire_and_connect_timeouts_are_exact(
         await check_out_together(pool, 0)
         idle = list(pool._slots.idle)
         for channel in idle:  # drop the warm channel so the next checkout must connect
-            pool._slots.forget(channel)
+            pool._slots.evict_idle(channel)
             await pool._retire(channel, "test", graceful=False)
         start = trio.current_time()
         with pytest.raises(sc.ConnectError, match="connect_timeout=4s"):
             async with pool.connection():
                 pass
         assert trio.current_time() - start == 4.0
+
+
+async def test_a_transport_raising_anything_is_a_connect_error_and_spares_survive(
+    autojump_clock: trio.testing.MockClock, client_context: ssl.SSLContext
+) -> None:
+    async def broken_proxy(host: str, port: int) -> trio.abc.Stream:
+        await trio.sleep(0.1)
+        raise RuntimeError("proxy misconfigured")
+
+    options: dict[str, Any] = {"min_idle": 2, "breaker_failure_threshold": 100}
+    async with sc.open_pool(
+        "relay.test:443", ssl_context=client_context, open_transport=broken_proxy, **options
+    ) as pool:
+        with pytest.raises(sc.ConnectError, match="proxy misconfigured") as info:
+            async with pool.connection():
+                pass
+        assert isinstance(info.value.__cause__, RuntimeError)
+        await trio.sleep(60)  # the spare keeper keeps failing, and keeps the pool alive
+        assert pool.status()["errors_by_kind"]["tcp"] > 3

@@ -3,6 +3,8 @@
 Only the names below are public; the modules behind them are private.
 """
 
+from ._breaker import BreakerEvent as BreakerEvent
+from ._breaker import BreakerState as BreakerState
 from ._channel import SecureChannel as SecureChannel
 from ._config import PoolConfig as PoolConfig
 from ._config import PoolOptions as PoolOptions
@@ -13,6 +15,7 @@ from ._errors import ConnectError as ConnectError
 from ._errors import PoolClosed as PoolClosed
 from ._errors import PoolExhausted as PoolExhausted
 from ._errors import SecureChannelError as SecureChannelError
+from ._events import EventStream as EventStream
 from ._pool import SecureChannelPool as SecureChannelPool
 from ._pool import open_pool as open_pool
 from ._tls import load_root_store as load_root_store

@@ -6,16 +6,12 @@ import contextlib
 import itertools
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, final
 
 import trio
 
 from ._endpoint import Endpoint
-
-# How long a probe of an idle channel whose socket turned readable may spend reading it.
-# The bytes are already in the kernel buffer, so this only bounds the wait for *more*:
-# TLS 1.3 session tickets arrive this way and leave the channel perfectly usable.
-_SETTLE_GRACE = 0.005
 
 _channel_ids = itertools.count(1)
 
@@ -36,14 +32,26 @@ class SecureChannel(trio.abc.Stream):
         endpoint: The relay this channel is connected to.
         id: A number unique within the process, for logs.
         opened_at: `trio.current_time()` when the handshake completed.
+        handshake_seconds: How long the TLS handshake took (after the TCP connect).
+        unanswered: True when the last I/O was a send with no reply read since. Such a
+            channel is not pooled again when its block ends: the reply still on its way
+            would reach the next user.
         errors: I/O errors seen on this channel, by kind (counted once per failure).
         bytes_sent: Application bytes sent.
         bytes_received: Application bytes received.
     """
 
-    def __init__(self, ssl_stream: trio.SSLStream[Any], endpoint: Endpoint) -> None:
+    def __init__(
+        self,
+        ssl_stream: trio.SSLStream[Any],
+        endpoint: Endpoint,
+        *,
+        on_error: Callable[[SecureChannel, str], None] | None = None,
+        handshake_seconds: float = 0.0,
+    ) -> None:
         self._closed = False  # first, so __del__ works whatever happens next
         self._stream = ssl_stream
+        self._on_error = on_error  # told of each failure as it happens (the pool's breaker)
         #: Why this channel may not be lent again ("error", "cancelled", "eof", "closed",
         #: "unexpected data"), or None while it may.
         self.spent: str | None = None
@@ -51,6 +59,10 @@ class SecureChannel(trio.abc.Stream):
         self.id = next(_channel_ids)
         self.opened_at = trio.current_time()
         self.idle_since = self.opened_at
+        self.handshake_seconds = handshake_seconds
+        # Bytes sent since the last reply arrived: a block that ends here has left the
+        # relay's answer on its way, and the next user would read it.
+        self.unanswered = False
         self.errors: Counter[str] = Counter()
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -88,6 +100,8 @@ class SecureChannel(trio.abc.Stream):
         if self.spent != "error":
             self.errors[kind] += 1
             self.spent = "error"
+            if self._on_error is not None:
+                self._on_error(self, kind)
 
     def _spend(self, reason: str) -> None:
         if self.spent is None:
@@ -107,6 +121,8 @@ class SecureChannel(trio.abc.Stream):
             self._spend("cancelled")
             raise
         self.bytes_sent += len(data)
+        if data:
+            self.unanswered = True
 
     async def wait_send_all_might_not_block(self) -> None:
         """See `trio.abc.SendStream.wait_send_all_might_not_block`."""
@@ -133,6 +149,7 @@ class SecureChannel(trio.abc.Stream):
             raise
         if data:
             self.bytes_received += len(data)
+            self.unanswered = False
         else:
             self._spend("eof")  # the peer closed its side
         return data
@@ -157,22 +174,29 @@ class SecureChannel(trio.abc.Stream):
         """
         if self._stream.pending():
             return True
-        socket_stream = self._stream.transport_stream
-        if isinstance(socket_stream, trio.SocketStream):
-            return socket_stream.socket.is_readable()
+        transport = self._stream.transport_stream
+        if isinstance(transport, trio.SocketStream):
+            if transport.socket.fileno() == -1:
+                return True  # closed under us: certainly not fit to lend
+            return transport.socket.is_readable()
         return False
 
-    async def settle_pending_input(self) -> bool:
-        """Read what arrived on an idle channel; return True if it is still fit to lend.
+    async def absorb_handshake_tail(self) -> None:
+        """Read what a TLS 1.3 server sends right after the handshake.
 
-        Fit: the bytes were TLS housekeeping only (TLS 1.3 session tickets). Unfit: end of
-        file, a reset, or application data nobody asked for (a previous user left a reply
-        unread); the channel is then marked spent and must be closed.
+        Many servers send session tickets about a round trip after the handshake. A
+        channel's first reader consumes them unawares, but a spare nobody has read from
+        would look, at checkout, like a channel whose peer sent something unasked. So a
+        spare waits one handshake's worth of time (about that round trip) and reads
+        whatever comes: tickets are fine, application data or end-of-file make the
+        channel `spent`.
         """
-        with trio.move_on_after(_SETTLE_GRACE):
+        if self._stream.version() != "TLSv1.3":
+            await trio.lowlevel.checkpoint()
+            return
+        with trio.move_on_after(self.handshake_seconds):
             # The raw stream, not our receive_some: a cancelled read here is expected and
             # harmless (no handshake is running), so it must not mark the channel spent.
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await self._stream.receive_some()
-            self._spend("unexpected data")  # or EOF: nothing to hand to the next user
-        return self.reusable
+            self._spend("unexpected data")  # or end-of-file: nothing to pool

@@ -45,6 +45,10 @@ class PoolConfig:
         shutdown_timeout: Seconds the pool's exit may spend closing channels gracefully.
         open_transport: ``await open_transport(host, port)`` returns the stream TLS runs
             over; None is `trio.open_tcp_stream`. Use it to go through a proxy.
+        breaker_failure_threshold: Consecutive failures (failed connects or handshakes,
+            I/O errors on lent channels) that open the circuit breaker.
+        breaker_cooldown: Seconds the breaker stays open before trial checkouts.
+        breaker_half_open_trials: Trial checkouts let through once the cooldown is over.
     """
 
     ssl_context: ssl.SSLContext | None = None
@@ -58,6 +62,9 @@ class PoolConfig:
     cleanup_interval: float = 5.0
     shutdown_timeout: float = 5.0
     open_transport: OpenTransport | None = None
+    breaker_failure_threshold: int = 5
+    breaker_cooldown: float = 60.0
+    breaker_half_open_trials: int = 1
 
     def __post_init__(self) -> None:
         if self.ssl_context is not None:
@@ -83,6 +90,9 @@ class PoolConfig:
         _check_seconds("shutdown_timeout", self.shutdown_timeout, finite=True)
         if self.open_transport is not None and not callable(self.open_transport):
             raise TypeError(f"open_transport must be callable, got {self.open_transport!r}")
+        _check_int("breaker_failure_threshold", self.breaker_failure_threshold, minimum=1)
+        _check_seconds("breaker_cooldown", self.breaker_cooldown, finite=True)
+        _check_int("breaker_half_open_trials", self.breaker_half_open_trials, minimum=1)
 
     def replace(self, **options: Unpack[PoolOptions]) -> PoolConfig:
         """Return a copy with some options changed (validated like a new config).
@@ -107,6 +117,9 @@ class PoolOptions(TypedDict, total=False):
     cleanup_interval: float
     shutdown_timeout: float
     open_transport: OpenTransport | None
+    breaker_failure_threshold: int
+    breaker_cooldown: float
+    breaker_half_open_trials: int
 
 
 def _known_options(options: dict[str, Any] | PoolOptions) -> dict[str, Any]:

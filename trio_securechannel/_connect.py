@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ssl
+import sys
+from collections.abc import Callable
 
 import trio
 
@@ -11,6 +13,9 @@ from ._config import OpenTransport
 from ._endpoint import Endpoint
 from ._errors import ConnectError
 
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
 
 async def open_channel(
     endpoint: Endpoint,
@@ -18,6 +23,7 @@ async def open_channel(
     *,
     connect_timeout: float,
     open_transport: OpenTransport | None = None,
+    on_error: Callable[[SecureChannel, str], None] | None = None,
 ) -> SecureChannel:
     """Connect to ``endpoint`` and complete a verified TLS handshake within the timeout.
 
@@ -34,6 +40,7 @@ async def open_channel(
         with trio.fail_after(connect_timeout):
             transport = await opener(endpoint.host, endpoint.port)
             try:
+                handshake_began = trio.current_time()
                 ssl_stream = trio.SSLStream(transport, ssl_context, server_hostname=endpoint.host)
                 await ssl_stream.do_handshake()
             except BaseException:
@@ -48,10 +55,25 @@ async def open_channel(
         raise ConnectError(name, "tls", f"TLS handshake failed: {_describe(cause)}") from cause
     except OSError as exc:
         raise ConnectError(name, "tcp", f"TCP connect failed: {_describe(exc)}") from exc
-    return SecureChannel(ssl_stream, endpoint)
+    except Exception as exc:
+        # Whatever else a resolver or a custom transport raises (UnicodeError for a name
+        # IDNA cannot encode, ...) is still a failure to connect, reported as one.
+        raise ConnectError(name, "tcp", f"cannot connect: {_describe(exc)}") from exc
+    return SecureChannel(
+        ssl_stream,
+        endpoint,
+        on_error=on_error,
+        handshake_seconds=trio.current_time() - handshake_began,
+    )
 
 
 def _describe(exc: BaseException) -> str:
+    # trio.open_tcp_stream reports "all attempts ... failed", keeping each address's error
+    # in a group behind it: name those, since "refused" is what the reader needs to see.
+    group = exc.__cause__
+    if isinstance(group, BaseExceptionGroup) and group.exceptions:
+        reasons = dict.fromkeys(_describe(inner) for inner in group.exceptions)
+        return f"{exc}: {'; '.join(reasons)}"
     if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
         return f"certificate verify failed: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError) and exc.reason:

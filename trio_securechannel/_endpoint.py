@@ -77,6 +77,13 @@ def _split_host_port(target: str, field: str) -> tuple[str, int]:
 def _check_host(host: str, field: str, target: object) -> str:
     if not host or host != host.strip() or any(c in host for c in "/@?#[] \t"):
         raise ValueError(f"{field}: invalid host {host!r} in {target!r}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        try:  # what DNS and SNI will need: empty or over-long labels fail here, not later
+            host.encode("idna")
+        except UnicodeError as exc:
+            raise ValueError(f"{field}: invalid host name {host!r}: {exc}") from None
     return host
 
 

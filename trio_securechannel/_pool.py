@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING, Any, final
 
 import trio
 
+from ._breaker import BreakerEvent, BreakerState, CircuitBreaker, Trial
 from ._channel import SecureChannel
 from ._config import PoolConfig, PoolOptions
 from ._connect import open_channel
 from ._endpoint import Endpoint, Target
-from ._errors import ConnectError, PoolClosed, PoolExhausted
+from ._errors import CircuitOpen, ConnectError, PoolClosed, PoolExhausted
+from ._events import EventBus, EventStream
 from ._slots import CLOSED, Grant, Slots
 from ._tls import load_root_store
 from ._upkeep import Upkeep
@@ -42,6 +44,15 @@ class SecureChannelPool:
         self.config = config
         self.ssl_context = ssl_context
         self._slots = Slots(config.max_connections)
+        self._breaker = CircuitBreaker(
+            str(endpoint),
+            failure_threshold=config.breaker_failure_threshold,
+            cooldown=config.breaker_cooldown,
+            half_open_trials=config.breaker_half_open_trials,
+            trial_timeout=config.connect_timeout,
+            on_transition=lambda _event: self._upkeep.notice_change(),
+        )
+        self._breaker_events = EventBus[BreakerEvent]()
         self._upkeep = Upkeep(self)
         self._drained = trio.lowlevel.ParkingLot()  # shutdown waits here for lent channels
         self._opened_total = 0
@@ -64,6 +75,21 @@ class SecureChannelPool:
         """True while at least one channel is established; False before and once empty."""
         return self._slots.open_count > 0
 
+    @property
+    def breaker_state(self) -> BreakerState:
+        """The relay's circuit breaker state."""
+        return self._breaker.state
+
+    def breaker_events(self) -> EventStream[BreakerEvent]:
+        """Subscribe to the breaker's transitions: ``async for event in pool.breaker_events()``.
+
+        Each subscriber has its own buffer of 64 events; one that falls further behind loses
+        the oldest (counted in its ``dropped``), so a slow reader never holds the pool up.
+        Iteration ends when the pool closes. Use ``with pool.breaker_events() as events:``
+        (or call ``events.close()``) to unsubscribe earlier.
+        """
+        return self._breaker_events.subscribe()
+
     def connection(self) -> AbstractAsyncContextManager[SecureChannel]:
         """Check a channel out for the duration of an ``async with`` block.
 
@@ -76,6 +102,7 @@ class SecureChannelPool:
         Raises:
             PoolExhausted: All ``max_connections`` are in use and none came free in time.
             ConnectError: A new channel was needed and could not be opened.
+            CircuitOpen: The relay's breaker is open; nothing was attempted.
             PoolClosed: The pool is shutting down.
         """
         return _Lease(self)
@@ -101,7 +128,7 @@ class SecureChannelPool:
                 "closed_total": sum(self._closed_by_reason.values()),
                 "closed_by_reason": dict(self._closed_by_reason),
             },
-            "breaker": {"state": "closed"},
+            "breaker": self._breaker.status(trio.current_time()),
             "errors_total": sum(errors.values()),
             "errors_by_kind": dict(errors),
             "pool_exhausted_total": self._exhausted_total,
@@ -111,24 +138,51 @@ class SecureChannelPool:
 
     async def _checkout(self) -> SecureChannel:
         await trio.lowlevel.checkpoint()
+        if self._slots.closed:
+            raise PoolClosed(str(self.endpoint))
+        trial = self._breaker.admit(trio.current_time())  # CircuitOpen: no socket touched
+        if trial is not None:
+            return await self._checkout_trial(trial)
         grant = self._slots.try_take()
         if grant is None:
             grant = await self._wait_turn()
         self._upkeep.notice_change()
         while isinstance(grant, SecureChannel):
-            try:
-                unfit = await self._unfit_reason(grant)
-            except BaseException:
-                self._slots.forget(grant)
-                await self._retire(grant, "aborted", graceful=False)
-                raise
+            unfit = self._unfit_reason(grant)
             if unfit is None:
                 return grant
             dead, grant = grant, self._slots.swap_dead(grant)
             await self._retire(dead, unfit, graceful=False)
+            if isinstance(grant, SecureChannel) and grant not in self._slots.in_use:
+                grant = CLOSED  # a shutdown out of time closed it while we closed the other
         if grant is CLOSED:
             raise PoolClosed(str(self.endpoint))
-        return await self.open_in_reserved_slot(lend=True)
+        trial = None
+        if self._breaker.state is not BreakerState.CLOSED:
+            # It opened while this checkout waited in line: no connect without its leave.
+            try:
+                trial = self._breaker.admit(trio.current_time())
+            except CircuitOpen:
+                self._slots.open_failed()
+                self._released()
+                raise
+        return await self.open_in_reserved_slot(trial=trial)
+
+    async def _checkout_trial(self, trial: Trial) -> SecureChannel:
+        """A half-open breaker's trial: always on a freshly opened channel."""
+        if not await self.reserve_for_trial(trial):
+            self._exhausted_total += 1
+            raise PoolExhausted(str(self.endpoint), self.config.max_connections, 0.0)
+        return await self.open_in_reserved_slot(trial=trial)
+
+    async def reserve_for_trial(self, trial: Trial) -> bool:
+        """Reserve a slot for a trial's fresh channel; False (permit returned) if none."""
+        reserved, evicted = self._slots.reserve_fresh()
+        if evicted is not None:
+            await self._retire(evicted, "trial", graceful=False)
+        if not reserved:
+            self._breaker.trial_abandoned(trial)
+        return reserved
 
     async def _wait_turn(self) -> SecureChannel | Grant:
         """Wait in line for a channel or a slot, for up to ``acquire_timeout``."""
@@ -139,7 +193,8 @@ class SecureChannelPool:
                 with trio.move_on_after(timeout):
                     await waiter.event.wait()
             except BaseException:
-                orphan = self._slots.withdraw(waiter)
+                orphan = self._slots.withdraw(waiter)  # a grant passes on to the next
+                self._released()
                 if orphan is not None:
                     await self._retire(orphan, "shutdown", graceful=False)
                 raise
@@ -149,20 +204,25 @@ class SecureChannelPool:
         self._exhausted_total += 1
         raise PoolExhausted(str(self.endpoint), self.config.max_connections, timeout)
 
-    async def _unfit_reason(self, channel: SecureChannel) -> str | None:
-        """Why an idle channel must not be lent (None: fit). One poll() when all is well."""
+    def _unfit_reason(self, channel: SecureChannel) -> str | None:
+        """Why an idle channel must not be lent (None: fit). One poll() when all is well.
+
+        Anything the relay sent while the channel sat idle (end-of-file, a reset, a reply
+        nobody read, data it pushed unasked) makes it unfit: the next user must start at
+        a clean message boundary, and there is no telling where one is.
+        """
         max_lifetime = self.config.max_lifetime
         if max_lifetime is not None and trio.current_time() - channel.opened_at >= max_lifetime:
             return "lifetime"
-        if not channel.has_pending_input():
-            return None
-        return None if await channel.settle_pending_input() else "stale"
+        if channel.spent is not None:
+            return channel.spent  # e.g. closed by a user who kept a reference
+        return "stale" if channel.has_pending_input() else None
 
-    async def open_in_reserved_slot(self, *, lend: bool) -> SecureChannel:
+    async def open_in_reserved_slot(self, *, trial: Trial | None = None) -> SecureChannel:
         """Open a channel in a slot already reserved in the books; free the slot on failure.
 
-        With ``lend`` the caller holds the new channel; otherwise it goes back to the pool
-        as a spare (to a waiter first).
+        The caller holds the new channel. The outcome is the breaker's to judge, before
+        the caller sees it.
         """
         try:
             channel = await open_channel(
@@ -170,13 +230,18 @@ class SecureChannelPool:
                 self.ssl_context,
                 connect_timeout=self.config.connect_timeout,
                 open_transport=self.config.open_transport,
+                on_error=self._channel_failed,
             )
         except BaseException as exc:
             self._slots.open_failed()
             if isinstance(exc, ConnectError):
                 self._past_errors[exc.phase] += 1
+                self._breaker.failed(trio.current_time(), exc.reason, trial)
+            elif trial is not None:
+                self._breaker.trial_abandoned(trial)  # cancelled: neither success nor failure
             self._released()
             raise
+        self._breaker.succeeded(trio.current_time(), trial)
         self._opened_total += 1
         self._slots.opened(channel)
         logger.debug("opened %r", channel)
@@ -184,14 +249,30 @@ class SecureChannelPool:
             self._slots.forget(channel)
             await self._retire(channel, "shutdown", graceful=True)
             raise PoolClosed(str(self.endpoint))
-        if not lend:
-            self._slots.give_back(channel)
         return channel
+
+    async def add_spare(self, channel: SecureChannel) -> None:
+        """Pool a freshly opened channel nobody asked for yet, once it is quiet."""
+        try:
+            await channel.absorb_handshake_tail()
+        except BaseException:
+            self._slots.forget(channel)
+            await self._retire(channel, "aborted", graceful=False)
+            raise
+        reason = self._give_back(channel)
+        if reason is not None:
+            await self._retire(channel, reason, graceful=True)
 
     # -- give-back and closing ------------------------------------------------------------
 
+    def _channel_failed(self, channel: SecureChannel, kind: str) -> None:
+        """A lent channel hit an I/O error: the breaker hears of it before its user does."""
+        self._breaker.failed(trio.current_time(), f"{kind} error on {channel!r}")
+
     def _give_back(self, channel: SecureChannel) -> str | None:
         """The lease ended normally: keep the channel, or say why it must be closed."""
+        if not channel.errors:
+            self._breaker.succeeded(trio.current_time())
         slots = self._slots
         if channel not in slots.in_use:
             return None  # already force-closed by a shutdown that ran out of time
@@ -200,6 +281,8 @@ class SecureChannelPool:
             reason: str | None = "shutdown"
         elif channel.spent is not None:
             reason = channel.spent
+        elif channel.unanswered:
+            reason = "unanswered"
         elif max_lifetime is not None and trio.current_time() - channel.opened_at >= max_lifetime:
             reason = "lifetime"
         else:
@@ -209,8 +292,11 @@ class SecureChannelPool:
         slots.forget(channel)
         return reason
 
-    async def _discard(self, channel: SecureChannel) -> None:
+    async def _discard(self, channel: SecureChannel, exc: BaseException | None) -> None:
         """The lease ended with an exception or a cancellation: never reuse the channel."""
+        if not channel.errors and not isinstance(exc, trio.Cancelled):
+            # The application's own error: the relay did its part.
+            self._breaker.succeeded(trio.current_time())
         if channel not in self._slots.in_use:
             return
         self._slots.forget(channel)
@@ -249,6 +335,7 @@ class SecureChannelPool:
         deadline = trio.current_time() + self.config.shutdown_timeout
         with trio.CancelScope(shield=True, deadline=deadline):
             idle = slots.close()
+            self._breaker_events.close()
             async with trio.open_nursery() as nursery:
                 for channel in idle:
                     nursery.start_soon(self._close_idle_for_shutdown, channel)
@@ -289,7 +376,7 @@ class _Lease:
         channel, pool = self._channel, self._pool
         assert channel is not None
         if exc_type is not None:
-            await pool._discard(channel)
+            await pool._discard(channel, exc)
             return
         reason = pool._give_back(channel)
         if reason is not None:
@@ -335,6 +422,7 @@ async def _run_pool(endpoint: Endpoint, config: PoolConfig) -> AsyncIterator[Sec
     body_error: BaseException | None = None
     async with trio.open_nursery() as nursery:
         pool._upkeep.start(nursery)
+        nursery.start_soon(pool._breaker.run, pool._breaker_events)
         try:
             yield pool
         except BaseException as exc:

@@ -88,6 +88,20 @@ class Slots:
         self.opening += 1
         return True
 
+    def reserve_fresh(self) -> tuple[bool, SecureChannel | None]:
+        """Reserve a slot for a brand-new channel even if idle ones exist (a breaker trial).
+
+        When idle channels fill every slot, the longest-idle one is evicted to make room
+        and returned for the caller to close. False when every slot is lent out.
+        """
+        evicted = None
+        if not self.closed and self.total >= self.max_connections and self.idle:
+            evicted = self.idle.popleft()
+        if self.closed or self.total >= self.max_connections:
+            return False, evicted
+        self.opening += 1
+        return True, evicted
+
     def enqueue(self) -> Waiter:
         waiter = Waiter()
         self.waiters.append(waiter)
@@ -133,17 +147,14 @@ class Slots:
             self.in_use.remove(channel)
             self.idle.append(channel)
 
-    def take_idle(self, channel: SecureChannel) -> None:
-        """Move a specific idle channel to in use (for the cleanup pass to inspect it)."""
-        self.idle.remove(channel)
-        self.in_use.add(channel)
-
     def forget(self, channel: SecureChannel) -> None:
-        """A channel leaves the pool (the caller closes it); its slot passes on."""
-        if channel in self.in_use:
-            self.in_use.remove(channel)
-        else:
-            self.idle.remove(channel)
+        """A held channel leaves the pool (the caller closes it); its slot passes on."""
+        self.in_use.remove(channel)
+        self._pass_on_free_slot()
+
+    def evict_idle(self, channel: SecureChannel) -> None:
+        """An idle channel leaves the pool (the caller closes it); its slot passes on."""
+        self.idle.remove(channel)
         self._pass_on_free_slot()
 
     def swap_dead(self, channel: SecureChannel) -> SecureChannel | Grant:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import TYPE_CHECKING, final
 
 import trio
 
-from ._errors import PoolClosed, SecureChannelError
+from ._breaker import CLOSED, HALF_OPEN, Trial
+from ._errors import PoolClosed
 
 if TYPE_CHECKING:
     from ._channel import SecureChannel
@@ -48,26 +50,40 @@ class Upkeep:
             self._wakeup.unpark_all()
 
     async def _keep_spares(self) -> None:
-        slots = self._pool._slots
+        pool = self._pool
         async with trio.open_nursery() as nursery:
             while True:
-                if trio.current_time() < self._retry_spares_at:
+                state = pool._breaker.state
+                if state is CLOSED and trio.current_time() < self._retry_spares_at:
                     await trio.sleep_until(self._retry_spares_at)
-                while (
-                    self.spares_missing() > 0
-                    and self._opening_spares < SPARE_CONCURRENCY
-                    and slots.reserve_spare()
-                ):
-                    self._opening_spares += 1
-                    nursery.start_soon(self._open_spare)
+                    continue
+                if state is CLOSED:
+                    # While spares fail, probe one at a time rather than a few at once.
+                    concurrency = 1 if self._spare_failures else SPARE_CONCURRENCY
+                    while (
+                        self.spares_missing() > 0
+                        and self._opening_spares < concurrency
+                        and pool._slots.reserve_spare()
+                    ):
+                        self._opening_spares += 1
+                        nursery.start_soon(self._open_spare, None)
+                elif state is HALF_OPEN and self.spares_missing() > 0 and not self._opening_spares:
+                    # Find out whether the relay is back without waiting for traffic (the
+                    # breaker's cooldown stands in for the spares' own backoff here).
+                    trial = pool._breaker.take_trial(trio.current_time())
+                    if trial is not None and await pool.reserve_for_trial(trial):
+                        self._opening_spares += 1
+                        nursery.start_soon(self._open_spare, trial)
+                # While open: no connection attempts at all until the cooldown ends.
                 await self._wakeup.park()
 
-    async def _open_spare(self) -> None:
+    async def _open_spare(self, trial: Trial | None) -> None:
         try:
-            await self._pool.open_in_reserved_slot(lend=False)
+            channel = await self._pool.open_in_reserved_slot(trial=trial)
+            await self._pool.add_spare(channel)
         except PoolClosed:
             pass
-        except SecureChannelError as exc:
+        except Exception as exc:  # whatever it is, a spare's failure must not end the pool
             self._spare_failures += 1
             backoff = min(SPARE_BACKOFF_MAX, SPARE_BACKOFF_FIRST * 2 ** (self._spare_failures - 1))
             self._retry_spares_at = trio.current_time() + backoff
@@ -86,23 +102,22 @@ class Upkeep:
     async def clean(self) -> None:
         """One cleanup pass over the idle channels.
 
-        Closes channels past ``max_lifetime``, channels idle longer than ``idle_timeout``
-        (longest idle first, never below ``min_idle``) and channels whose peer sent
-        something while idle (closed the connection, reset it, or sent stray data).
+        Closes channels past ``max_lifetime``, channels whose relay sent something while
+        they sat idle (closed the connection, reset it, or pushed data nobody asked for),
+        and channels idle longer than ``idle_timeout`` (longest idle first, never below
+        ``min_idle``).
         """
         pool = self._pool
         slots, config = pool._slots, pool.config
         now = trio.current_time()
         doomed: list[tuple[SecureChannel, str]] = []
-        suspects: list[SecureChannel] = []
         keepers: list[SecureChannel] = []
         for channel in slots.idle:  # longest idle first
-            if config.max_lifetime is not None and now - channel.opened_at >= config.max_lifetime:
-                doomed.append((channel, "lifetime"))
-            elif channel.has_pending_input():
-                suspects.append(channel)
-            else:
+            reason = pool._unfit_reason(channel)
+            if reason is None:
                 keepers.append(channel)
+            else:
+                doomed.append((channel, reason))
         surplus = len(keepers) - config.min_idle
         for channel in keepers:
             if surplus <= 0:
@@ -111,29 +126,10 @@ class Upkeep:
                 doomed.append((channel, "idle"))
                 surplus -= 1
         for channel, _ in doomed:
-            slots.forget(channel)
-        for channel in suspects:
-            slots.take_idle(channel)
+            slots.evict_idle(channel)
         async with trio.open_nursery() as nursery:
             for channel, reason in doomed:
-                nursery.start_soon(self._close, channel, reason)
-            for channel in suspects:
-                nursery.start_soon(self._recheck, channel)
-
-    async def _close(self, channel: SecureChannel, reason: str) -> None:
-        await self._pool._retire(channel, reason, graceful=True)
-
-    async def _recheck(self, channel: SecureChannel) -> None:
-        """Read what arrived on an idle channel; keep it only if that was TLS housekeeping."""
-        pool = self._pool
-        try:
-            fit = await channel.settle_pending_input()
-        except BaseException:
-            pool._slots.forget(channel)
-            await pool._retire(channel, "aborted", graceful=False)
-            raise
-        if fit and not pool._slots.closed:
-            pool._slots.give_back(channel)
-        else:
-            pool._slots.forget(channel)
-            await pool._retire(channel, "stale", graceful=False)
+                # The relay is gone from a stale channel: no goodbye to wait for.
+                nursery.start_soon(
+                    partial(pool._retire, graceful=reason != "stale"), channel, reason
+                )

@@ -1,0 +1,438 @@
+"""The circuit breaker: FAULTS.md rows 14-15.
+
+First the state machine alone, with explicit times; then through the pool on the mock clock
+(exact virtual times); then against real relays on 127.0.0.1 that refuse, hang up and recover.
+"""
+
+from __future__ import annotations
+
+import itertools
+import ssl
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+import trio_securechannel as sc
+from trio_securechannel import BreakerState
+from trio_securechannel._breaker import CircuitBreaker
+
+from conftest import make_server_context
+from helpers import books, echo, wait_until
+from relay import MemoryRelay, Relay, closed_port
+
+CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
+
+
+def make_breaker(threshold: int = 5, cooldown: float = 60.0, trials: int = 1) -> CircuitBreaker:
+    return CircuitBreaker(
+        "relay.test:443",
+        failure_threshold=threshold,
+        cooldown=cooldown,
+        half_open_trials=trials,
+        trial_timeout=10.0,
+    )
+
+
+def fail_times(breaker: CircuitBreaker, count: int, now: float) -> None:
+    for _ in range(count):
+        breaker.failed(now, "refused")
+
+
+# -- the state machine ------------------------------------------------------------------------
+
+
+async def test_threshold_opens_and_rejects_until_cooldown_ends() -> None:
+    breaker = make_breaker(threshold=5, cooldown=60.0)
+    fail_times(breaker, 4, now=100.0)
+    assert breaker.state is CLOSED
+    assert breaker.admit(100.0) is None
+    breaker.failed(100.0, "refused")
+    assert breaker.state is OPEN
+    with pytest.raises(sc.CircuitOpen) as info:
+        breaker.admit(130.0)
+    assert info.value.retry_after == 30.0
+    with pytest.raises(sc.CircuitOpen):
+        breaker.admit(159.999)
+    assert breaker.rejected_total == 2
+    trial = breaker.admit(160.0)  # the cooldown is over: the first comer is the trial
+    assert trial is not None
+    assert breaker.state is HALF_OPEN
+    with pytest.raises(sc.CircuitOpen) as info:
+        breaker.admit(161.0)  # one trial only; others wait for its outcome
+    assert info.value.retry_after == 9.0  # the trial's connect_timeout bounds the wait
+
+
+async def test_success_resets_the_consecutive_count() -> None:
+    breaker = make_breaker(threshold=3)
+    fail_times(breaker, 2, now=0.0)
+    breaker.succeeded(0.0)
+    fail_times(breaker, 2, now=0.0)
+    assert breaker.state is CLOSED
+    assert breaker.consecutive_failures == 2
+
+
+@pytest.mark.parametrize("outcome", ["success", "failure", "abandoned"])
+async def test_trial_outcomes(outcome: str) -> None:
+    breaker = make_breaker(threshold=1, cooldown=10.0)
+    breaker.failed(0.0, "down")
+    trial = breaker.admit(10.0)
+    assert trial is not None
+    if outcome == "success":
+        breaker.succeeded(12.0, trial)
+        assert breaker.state is CLOSED
+        assert breaker.admit(12.0) is None
+    elif outcome == "failure":
+        breaker.failed(12.0, "still down", trial)
+        assert breaker.state is OPEN
+        assert breaker.open_until == 22.0  # a fresh cooldown from the trial's failure
+        assert breaker.opened_total == 2
+    else:
+        breaker.trial_abandoned(trial)  # cancelled: the permit goes back
+        assert breaker.state is HALF_OPEN
+        assert breaker.admit(12.0) is not None
+
+
+async def test_stragglers_do_not_decide() -> None:
+    breaker = make_breaker(threshold=1, cooldown=10.0, trials=2)
+    breaker.failed(0.0, "down")
+    breaker.succeeded(1.0)  # a channel lent before the breaker opened finishes fine
+    assert breaker.state is OPEN
+    first, second = breaker.admit(10.0), breaker.admit(10.0)
+    assert first is not None
+    assert second is not None
+    breaker.failed(11.0, "an old channel breaks")  # not a trial: ignored
+    assert breaker.state is HALF_OPEN
+    breaker.failed(11.0, "trial 1 failed", first)
+    assert breaker.state is OPEN
+    breaker.succeeded(11.5, second)  # the other trial's permit belongs to a past half-open
+    breaker.trial_abandoned(second)
+    assert breaker.state is OPEN
+    third = breaker.admit(21.0)
+    assert third is not None
+    breaker.succeeded(21.5, third)
+    assert breaker.state is CLOSED
+
+
+# -- through the pool, on the mock clock ------------------------------------------------------
+
+
+def memory_pool(relay: MemoryRelay, context: ssl.SSLContext, **options: Any) -> Any:
+    return sc.open_pool(
+        "relay.test:443", ssl_context=context, open_transport=relay.open_transport, **options
+    )
+
+
+async def test_breaker_opens_before_the_failure_is_raised_and_blocks_io(
+    autojump_clock: trio.testing.MockClock,
+    memory_relay: MemoryRelay,
+    client_context: ssl.SSLContext,
+) -> None:
+    memory_relay.mode = "refuse"
+    async with memory_pool(memory_relay, client_context, breaker_cooldown=30.0) as pool:
+        for attempt in range(1, 6):
+            with pytest.raises(sc.ConnectError):
+                async with pool.connection():
+                    pass
+            # The 5th failure has opened the breaker by the time its caller sees it.
+            assert pool.breaker_state is (OPEN if attempt == 5 else CLOSED)
+        opened_at = trio.current_time()
+        await trio.sleep(10.0)
+        for _ in range(20):
+            with pytest.raises(sc.CircuitOpen) as info:
+                async with pool.connection():
+                    pass
+            assert info.value.retry_after == opened_at + 30.0 - trio.current_time()
+        assert len(memory_relay.connect_times) == 5  # no connection attempt while open
+        status = pool.status()["breaker"]
+        assert status == {
+            "state": "open",
+            "consecutive_failures": 5,
+            "retry_after": 20.0,
+            "opened_total": 1,
+            "rejected_total": 20,
+        }
+
+
+async def test_transitions_reach_subscribers_at_exact_times(
+    autojump_clock: trio.testing.MockClock,
+    memory_relay: MemoryRelay,
+    client_context: ssl.SSLContext,
+) -> None:
+    memory_relay.mode = "refuse"
+    options = {"breaker_failure_threshold": 2, "breaker_cooldown": 30.0}
+    start = trio.current_time()
+    seen: list[tuple[str, str, float]] = []
+    async with memory_pool(memory_relay, client_context, **options) as pool:
+
+        async def watch() -> None:
+            with pool.breaker_events() as events:
+                async for event in events:
+                    seen.append((event.from_state.value, event.to_state.value, event.time - start))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            await trio.testing.wait_all_tasks_blocked()
+            for _ in range(2):
+                with pytest.raises(sc.ConnectError):
+                    async with pool.connection():
+                        pass
+            await trio.sleep_until(start + 30.01)  # the breaker task ends the cooldown on time
+            assert pool.breaker_state is HALF_OPEN
+            memory_relay.mode = "echo"
+            async with pool.connection() as channel:  # the trial, on a fresh channel
+                assert await echo(channel, b"back") == b"back"
+            assert pool.breaker_state is CLOSED
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    assert seen == [
+        ("closed", "open", 0.0),
+        ("open", "half_open", 30.0),
+        ("half_open", "closed", 30.01),
+    ]
+
+
+async def test_cancelled_trial_gives_its_permit_back(
+    autojump_clock: trio.testing.MockClock,
+    memory_relay: MemoryRelay,
+    client_context: ssl.SSLContext,
+) -> None:
+    memory_relay.mode = "refuse"
+    options = {"breaker_failure_threshold": 1, "breaker_cooldown": 5.0, "connect_timeout": 100.0}
+    async with memory_pool(memory_relay, client_context, **options) as pool:
+        with pytest.raises(sc.ConnectError):
+            async with pool.connection():
+                pass
+        await trio.sleep(5.0)
+        memory_relay.mode = "silent"
+        with trio.move_on_after(1.0) as scope:
+            async with pool.connection():
+                pytest.fail("the silent relay never completes a handshake")
+        assert scope.cancelled_caught
+        assert pool.breaker_state is HALF_OPEN  # neither success nor failure
+        memory_relay.mode = "echo"
+        async with pool.connection() as channel:  # the permit came back: a new trial
+            assert await echo(channel, b"ok") == b"ok"
+        assert pool.breaker_state is CLOSED
+        assert len(memory_relay.connect_times) == 3
+        assert books(pool)["opening"] == 0
+
+
+async def test_what_is_not_a_failure(
+    autojump_clock: trio.testing.MockClock,
+    memory_relay: MemoryRelay,
+    client_context: ssl.SSLContext,
+) -> None:
+    options = {"breaker_failure_threshold": 1, "max_connections": 1}
+    async with memory_pool(memory_relay, client_context, **options) as pool:
+        with pytest.raises(KeyError):
+            async with pool.connection():
+                raise KeyError("the application's own error")
+        async with pool.connection():
+            with pytest.raises(sc.PoolExhausted):
+                async with pool.connection():
+                    pass
+        with trio.move_on_after(1.0):
+            async with pool.connection() as channel:
+                await channel.receive_some()  # cancelled while waiting for a reply
+        assert pool.breaker_state is CLOSED
+        assert pool.status()["breaker"]["consecutive_failures"] == 0
+
+
+async def test_io_errors_on_lent_channels_open_the_breaker(
+    autojump_clock: trio.testing.MockClock,
+    memory_relay: MemoryRelay,
+    client_context: ssl.SSLContext,
+) -> None:
+    # Three channels lent at once all break when the relay drops them: three failures in a
+    # row (a completed handshake in between would count as a success and reset the count).
+    states_seen_by_callers: list[BreakerState] = []
+    async with memory_pool(memory_relay, client_context, breaker_failure_threshold=3) as pool:
+        all_lent = trio.Event()
+
+        async def use() -> None:
+            async with pool.connection() as channel:
+                assert await echo(channel, b"x") == b"x"
+                if books(pool)["in_use"] == 3:
+                    all_lent.set()
+                await all_lent.wait()
+                try:
+                    await channel.receive_some()
+                except trio.BrokenResourceError:
+                    states_seen_by_callers.append(pool.breaker_state)
+                    raise
+
+        with pytest.RaisesGroup(
+            trio.BrokenResourceError, trio.BrokenResourceError, trio.BrokenResourceError
+        ):
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(use)
+                await all_lent.wait()
+                await trio.testing.wait_all_tasks_blocked()
+                memory_relay.reset_connections()
+        assert states_seen_by_callers == [CLOSED, CLOSED, OPEN]
+        assert pool.status()["errors_by_kind"] == {"io": 3}
+        with pytest.raises(sc.CircuitOpen):
+            async with pool.connection():
+                pass
+
+
+async def test_a_checkout_waiting_in_line_when_the_breaker_opens_does_not_connect(
+    autojump_clock: trio.testing.MockClock,
+    memory_relay: MemoryRelay,
+    client_context: ssl.SSLContext,
+) -> None:
+    options = {"max_connections": 1, "acquire_timeout": 10.0, "breaker_failure_threshold": 1}
+    async with memory_pool(memory_relay, client_context, **options) as pool:
+        outcome: list[BaseException] = []
+
+        async def wait_in_line() -> None:
+            try:
+                async with pool.connection():
+                    pytest.fail("the breaker opened while this checkout waited")
+            except sc.CircuitOpen as exc:
+                outcome.append(exc)
+
+        async def hold_while_the_relay_dies(nursery: trio.Nursery) -> None:
+            async with pool.connection() as channel:
+                nursery.start_soon(wait_in_line)
+                await trio.testing.wait_all_tasks_blocked()
+                assert books(pool)["waiting"] == 1
+                memory_relay.reset_connections()
+                await channel.receive_some()  # the relay is gone: the breaker opens
+
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(trio.BrokenResourceError):
+                await hold_while_the_relay_dies(nursery)
+        assert len(outcome) == 1
+        assert len(memory_relay.connect_times) == 1  # the freed slot was not used to connect
+        assert books(pool)["opening"] == 0
+
+
+async def test_spares_stop_while_open_then_probe_and_refill(
+    autojump_clock: trio.testing.MockClock,
+    memory_relay: MemoryRelay,
+    client_context: ssl.SSLContext,
+) -> None:
+    memory_relay.mode = "refuse"
+    options = {"min_idle": 2, "breaker_failure_threshold": 3, "breaker_cooldown": 60.0}
+    start = trio.current_time()
+    async with memory_pool(memory_relay, client_context, **options) as pool:
+        await trio.sleep_until(start + 1.01)
+        # Two spares fail at once at 0; after a 1 s backoff a single probe fails at 1,
+        # the third failure in a row, which opens the breaker.
+        assert [t - start for t in memory_relay.connect_times] == [0.0, 0.0, 1.0]
+        assert pool.breaker_state is OPEN
+        await trio.sleep_until(start + 60.99)
+        assert len(memory_relay.connect_times) == 3  # silence for the whole cooldown
+        memory_relay.mode = "echo"
+        await trio.sleep_until(start + 61.01)
+        # At 61 the spare keeper made one trial itself, which closed the breaker, and
+        # the second spare followed.
+        assert [t - start for t in memory_relay.connect_times][3:] == [61.0, 61.0]
+        assert pool.breaker_state is CLOSED
+        assert books(pool)["idle"] == 2
+        assert pool.healthy
+
+
+async def test_slow_subscriber_never_blocks_and_counts_drops(
+    autojump_clock: trio.testing.MockClock,
+    memory_relay: MemoryRelay,
+    client_context: ssl.SSLContext,
+) -> None:
+    memory_relay.mode = "refuse"
+    options = {"breaker_failure_threshold": 1, "breaker_cooldown": 1.0}
+    async with memory_pool(memory_relay, client_context, **options) as pool:
+        sleeper = pool.breaker_events()  # subscribed, never read
+        reader_saw: list[sc.BreakerEvent] = []
+
+        async def read_all() -> None:
+            async for event in pool.breaker_events():
+                reader_saw.append(event)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all)
+            await trio.testing.wait_all_tasks_blocked()
+            for _ in range(50):  # each round: closed/half-open -> open -> half-open
+                with pytest.raises(sc.ConnectError):
+                    async with pool.connection():
+                        pass
+                await trio.sleep(1.0)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        assert len(reader_saw) == 100
+        assert all(a.to_state is b.from_state for a, b in itertools.pairwise(reader_saw))
+        assert sleeper.dropped == 100 - 64
+        kept = [event async for event in _drain(sleeper)]
+        assert kept == reader_saw[-64:]  # the oldest were dropped, the newest kept
+
+
+async def _drain(stream: sc.EventStream[sc.BreakerEvent]) -> Any:
+    stream.end()
+    async for event in stream:
+        yield event
+
+
+# -- real relays on 127.0.0.1 -----------------------------------------------------------------
+
+
+async def test_open_breaker_makes_no_connection_and_lets_one_trial_through(
+    relay: Relay, client_context: ssl.SSLContext
+) -> None:
+    relay.mode = "hangup"
+    options: dict[str, Any] = {"breaker_cooldown": 0.3, "max_connections": 10}
+    async with sc.open_pool(relay.target, ssl_context=client_context, **options) as pool:
+        for _ in range(5):
+            with pytest.raises(sc.ConnectError):
+                async with pool.connection():
+                    pass
+        assert relay.accepts == 5
+        for _ in range(10):
+            with pytest.raises(sc.CircuitOpen):
+                async with pool.connection():
+                    pass
+        assert relay.accepts == 5  # the open breaker touched no socket
+        relay.mode = "echo"
+        await trio.sleep(0.3)
+        outcomes: list[str] = []
+
+        async def checkout() -> None:
+            try:
+                async with pool.connection() as channel:
+                    assert await echo(channel, b"trial") == b"trial"
+                    outcomes.append("through")
+            except sc.CircuitOpen:
+                outcomes.append("circuit open")
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(checkout)
+        assert sorted(outcomes) == ["circuit open"] * 4 + ["through"]
+        assert relay.accepts == 6  # exactly one of the five reached the relay
+        assert pool.breaker_state is CLOSED
+        async with pool.connection() as channel:
+            assert await echo(channel, b"normal again") == b"normal again"
+
+
+async def test_refused_relay_that_comes_back(
+    nursery: trio.Nursery, client_context: ssl.SSLContext
+) -> None:
+    port = closed_port()
+    options: dict[str, Any] = {"breaker_failure_threshold": 3, "breaker_cooldown": 0.2}
+    async with sc.open_pool(("127.0.0.1", port), ssl_context=client_context, **options) as pool:
+        for _ in range(3):
+            with pytest.raises(sc.ConnectError, match="refused"):
+                async with pool.connection():
+                    pass
+        assert pool.breaker_state is OPEN
+        relay = Relay(make_server_context())
+        relay.port = port
+        await nursery.start(relay.serve)  # the relay is back, on the same port
+        await wait_until(lambda: pool.breaker_state is HALF_OPEN)
+        async with pool.connection() as channel:
+            assert await echo(channel, b"welcome back") == b"welcome back"
+        assert pool.breaker_state is CLOSED
+        assert pool.status()["breaker"]["opened_total"] == 1
+        relay.stop()

@@ -1,0 +1,224 @@
+"""The circuit breaker: stop hammering a relay that is down, notice quickly when it is back.
+
+The state machine is small and synchronous, so a failure that reaches the threshold has
+opened the breaker before its caller sees the error. Its transitions travel over a trio
+memory channel to the breaker's task in the pool's nursery, which owns the cooldown timer
+and hands every transition on to the application's subscribers.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, final
+
+import trio
+
+from ._errors import CircuitOpen
+from ._events import EventBus
+
+logger = logging.getLogger("trio_securechannel")
+
+
+class BreakerState(enum.Enum):
+    """Where a relay's breaker stands."""
+
+    #: Traffic flows; consecutive failures are being counted.
+    CLOSED = "closed"
+    #: Every checkout fails at once with `CircuitOpen`, touching no socket, until the
+    #: cooldown ends.
+    OPEN = "open"
+    #: The cooldown is over: a few trial checkouts go through, everyone else waits.
+    HALF_OPEN = "half_open"
+
+
+CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
+
+
+@final
+@dataclass(frozen=True)
+class BreakerEvent:
+    """One transition of a relay's breaker.
+
+    Attributes:
+        endpoint: The relay, as ``host:port``.
+        from_state: The state it left.
+        to_state: The state it entered.
+        time: `trio.current_time` of the transition.
+        timestamp: Wall-clock time of the transition (`time.time`), for logs.
+        reason: Why, in words (the last error when it opened).
+    """
+
+    endpoint: str
+    from_state: BreakerState
+    to_state: BreakerState
+    time: float
+    timestamp: float
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """The event as JSON-serialisable data."""
+        return {
+            "endpoint": self.endpoint,
+            "from": self.from_state.value,
+            "to": self.to_state.value,
+            "time": self.time,
+            "timestamp": self.timestamp,
+            "reason": self.reason,
+        }
+
+
+@final
+class Trial:
+    """A permit to make one trial checkout while the breaker is half-open."""
+
+    __slots__ = ("generation",)
+
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+
+
+@final
+class CircuitBreaker:
+    """Consecutive-failure breaker with a cooldown and half-open trials."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        failure_threshold: int,
+        cooldown: float,
+        half_open_trials: int,
+        trial_timeout: float,
+        on_transition: Callable[[BreakerEvent], None] | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.failure_threshold = failure_threshold
+        self.cooldown = cooldown
+        self.half_open_trials = half_open_trials
+        self.trial_timeout = trial_timeout  # a trial is one connect: bounded by connect_timeout
+        self._on_transition = on_transition
+        self.state = CLOSED
+        self.consecutive_failures = 0
+        self.opened_total = 0
+        self.rejected_total = 0
+        self.open_until = -math.inf
+        self._trials_out = 0
+        self._trials_since = 0.0
+        self._generation = 0  # a new one each half-open period, so stale permits count for nothing
+        self._transitions, self._transitions_out = trio.open_memory_channel[BreakerEvent](
+            math.inf  # the pool's own task drains it; it never waits on an application
+        )
+
+    # -- decisions ------------------------------------------------------------------------
+
+    def admit(self, now: float) -> Trial | None:
+        """Let a checkout through (None), as a half-open trial (a `Trial`), or refuse it.
+
+        Raises:
+            CircuitOpen: The breaker is open, or half-open with every trial taken.
+        """
+        if self.state is CLOSED:
+            return None
+        trial = self.take_trial(now)
+        if trial is not None:
+            return trial
+        self.rejected_total += 1
+        raise CircuitOpen(self.endpoint, self.retry_after(now) or 0.0)
+
+    def take_trial(self, now: float) -> Trial | None:
+        """A trial permit if the cooldown is over and one is left, else None."""
+        self.cooldown_elapsed(now)
+        if self.state is not HALF_OPEN or self._trials_out >= self.half_open_trials:
+            return None
+        if self._trials_out == 0:
+            self._trials_since = now
+        self._trials_out += 1
+        return Trial(self._generation)
+
+    def retry_after(self, now: float) -> float | None:
+        """Seconds until a checkout may get through; None while the breaker is closed."""
+        if self.state is CLOSED:
+            return None
+        if self.state is OPEN:
+            return max(0.0, self.open_until - now)
+        if self._trials_out < self.half_open_trials:
+            return 0.0
+        return max(0.0, self._trials_since + self.trial_timeout - now)
+
+    # -- outcomes -------------------------------------------------------------------------
+
+    def succeeded(self, now: float, trial: Trial | None = None) -> None:
+        """A handshake completed, or a checkout ended without an I/O error."""
+        if trial is not None:
+            if self._is_current(trial):
+                self._move(CLOSED, now, "trial succeeded")
+        elif self.state is CLOSED:
+            self.consecutive_failures = 0
+        # Open or half-open: only a trial's outcome decides, not a straggler's.
+
+    def failed(self, now: float, reason: str, trial: Trial | None = None) -> None:
+        """A connect or handshake failed, or a channel in use hit an I/O error."""
+        if trial is not None:
+            if self._is_current(trial):
+                self._open(now, f"trial failed: {reason}")
+        elif self.state is CLOSED:
+            self.consecutive_failures += 1
+            if self.consecutive_failures >= self.failure_threshold:
+                self._open(now, f"{self.consecutive_failures} consecutive failures; last: {reason}")
+
+    def trial_abandoned(self, trial: Trial) -> None:
+        """A trial was cancelled, or never reached the relay: its permit goes back."""
+        if self._is_current(trial):
+            self._trials_out -= 1
+
+    def cooldown_elapsed(self, now: float) -> None:
+        if self.state is OPEN and now >= self.open_until:
+            self._move(HALF_OPEN, now, f"cooldown of {self.cooldown:g}s over")
+
+    def status(self, now: float) -> dict[str, Any]:
+        retry_after = self.retry_after(now)
+        return {
+            "state": self.state.value,
+            "consecutive_failures": self.consecutive_failures,
+            "retry_after": retry_after,
+            "opened_total": self.opened_total,
+            "rejected_total": self.rejected_total,
+        }
+
+    def _is_current(self, trial: Trial) -> bool:
+        return self.state is HALF_OPEN and trial.generation == self._generation
+
+    def _open(self, now: float, reason: str) -> None:
+        self.open_until = now + self.cooldown
+        self.opened_total += 1
+        self._move(OPEN, now, reason)
+
+    def _move(self, to_state: BreakerState, now: float, reason: str) -> None:
+        event = BreakerEvent(self.endpoint, self.state, to_state, now, time.time(), reason)
+        self.state = to_state
+        self._trials_out = 0
+        if to_state is HALF_OPEN:
+            self._generation += 1
+        elif to_state is CLOSED:
+            self.consecutive_failures = 0
+        level = logging.WARNING if to_state is OPEN else logging.INFO
+        logger.log(level, "circuit breaker for %s: %s -> %s (%s)", self.endpoint,
+                   event.from_state.value, to_state.value, reason)  # fmt: skip
+        self._transitions.send_nowait(event)
+        if self._on_transition is not None:
+            self._on_transition(event)
+
+    # -- the breaker's task ---------------------------------------------------------------
+
+    async def run(self, subscribers: EventBus[BreakerEvent]) -> None:
+        """Hand transitions to subscribers, and end each cooldown on time."""
+        while True:
+            with trio.move_on_at(self.open_until if self.state is OPEN else math.inf):
+                subscribers.publish(await self._transitions_out.receive())
+                continue
+            self.cooldown_elapsed(trio.current_time())
