@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,14 @@ def make_server_context() -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     SERVER_CERT.configure_cert(context)
     return context
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_each_test() -> Iterator[None]:
+    """Run the collector after every test, so a leaked socket (a ResourceWarning, an error
+    here) is blamed on the test that leaked it rather than on whichever test runs next."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

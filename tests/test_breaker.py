@@ -436,3 +436,160 @@ async def test_refused_relay_that_comes_back(
         assert pool.breaker_state is CLOSED
         assert pool.status()["breaker"]["opened_total"] == 1
         relay.stop()
+
+
+# -- what the breaker review found ------------------------------------------------------------
+
+
+async def test_subscribers_see_the_opening_even_when_the_pool_closes_at_once(
+    memory_relay: MemoryRelay, client_context: ssl.SSLContext
+) -> None:
+    memory_relay.mode = "refuse"
+    seen: list[tuple[str, str]] = []
+    async with trio.open_nursery() as nursery:
+
+        async def watch(events: sc.EventStream[sc.BreakerEvent]) -> None:
+            async for event in events:  # ends by itself when the pool closes
+                seen.append((event.from_state.value, event.to_state.value))
+
+        async with memory_pool(memory_relay, client_context, breaker_failure_threshold=1) as pool:
+            nursery.start_soon(watch, pool.breaker_events())
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(sc.ConnectError):
+                async with pool.connection():
+                    pass
+            # Leave at once: the breaker's task has not run since the failure.
+    assert seen == [("closed", "open")]
+
+
+async def test_closed_and_abandoned_subscriptions_are_dropped(
+    memory_relay: MemoryRelay, client_context: ssl.SSLContext
+) -> None:
+    memory_relay.mode = "refuse"
+    async with memory_pool(memory_relay, client_context, breaker_failure_threshold=1) as pool:
+        with pool.breaker_events() as closed_early:
+            pass
+        abandoned = pool.breaker_events()
+        del abandoned  # never read, never closed: garbage, not a subscriber
+        kept = pool.breaker_events()
+        assert len(pool._breaker_events._streams) == 1
+        with pytest.raises(sc.ConnectError):
+            async with pool.connection():
+                pass
+        await trio.testing.wait_all_tasks_blocked()
+        event = await kept.__anext__()
+        assert event.to_state is OPEN
+        assert [event async for event in closed_early] == []  # closed: nothing more comes
+
+
+async def test_several_trials_and_retry_after(
+    autojump_clock: trio.testing.MockClock,
+    memory_relay: MemoryRelay,
+    client_context: ssl.SSLContext,
+) -> None:
+    memory_relay.mode = "refuse"
+    options = {
+        "breaker_failure_threshold": 1,
+        "breaker_cooldown": 10.0,
+        "breaker_half_open_trials": 2,
+        "connect_timeout": 8.0,
+    }
+    async with memory_pool(memory_relay, client_context, **options) as pool:
+        with pytest.raises(sc.ConnectError):
+            async with pool.connection():
+                pass
+        await trio.sleep(10.0)
+        memory_relay.mode = "silent"  # trials hang until their connect_timeout
+        outcomes: list[str] = []
+
+        async def trial() -> None:
+            try:
+                async with pool.connection():
+                    pass
+            except sc.ConnectError:
+                outcomes.append("trial failed")
+
+        async with trio.open_nursery() as nursery:
+            began = trio.current_time()
+            nursery.start_soon(trial)
+            await trio.sleep(1.0)
+            nursery.start_soon(trial)
+            await trio.sleep(1.0)
+            with pytest.raises(sc.CircuitOpen) as info:  # both permits are out
+                async with pool.connection():
+                    pass
+            # The first trial decides at the latest when its connect_timeout ends.
+            assert info.value.retry_after == began + 8.0 - trio.current_time()
+        assert outcomes == ["trial failed"] * 2
+        assert pool.breaker_state is OPEN  # the first failed trial reopened it
+
+
+async def test_a_trial_waits_its_turn_when_every_slot_is_lent(
+    autojump_clock: trio.testing.MockClock,
+    memory_relay: MemoryRelay,
+    client_context: ssl.SSLContext,
+) -> None:
+    options = {
+        "max_connections": 1,
+        "acquire_timeout": 30.0,
+        "breaker_failure_threshold": 1,
+        "breaker_cooldown": 5.0,
+    }
+    async with memory_pool(memory_relay, client_context, **options) as pool:
+        release = trio.Event()
+
+        async def hold() -> None:
+            async with pool.connection() as channel:
+                assert await echo(channel, b"held") == b"held"
+                await release.wait()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hold)
+            await trio.testing.wait_all_tasks_blocked()
+            pool._breaker.failed(trio.current_time(), "a failure elsewhere")  # opens it
+            await trio.sleep(5.0)
+
+            async def release_later() -> None:
+                await trio.sleep(2.0)
+                release.set()
+
+            nursery.start_soon(release_later)
+            async with pool.connection() as channel:  # the trial: waits 2 s for the slot
+                assert await echo(channel, b"trial") == b"trial"
+        assert pool.breaker_state is CLOSED
+        # The held channel was not reused for the trial: a fresh one was opened.
+        assert books(pool)["closed_by_reason"] == {"trial": 1}
+        assert books(pool)["opened_total"] == 2
+
+
+async def test_a_spare_planned_before_the_opening_does_not_connect(
+    autojump_clock: trio.testing.MockClock,
+    memory_relay: MemoryRelay,
+    client_context: ssl.SSLContext,
+) -> None:
+    # The spare keeper's retry and a user's failing connect end at the same instant; the
+    # failure opens the breaker and the spare, planned a moment earlier, must not connect.
+    # Tasks due at one instant run in no promised order, so the race is run many times.
+    memory_relay.mode = "refuse"
+    memory_relay.connect_delay = 0.25
+    connects: list[tuple[float, BreakerState]] = []
+    pools: list[sc.SecureChannelPool] = []
+
+    async def spy(host: str, port: int) -> trio.abc.Stream:
+        connects.append((trio.current_time(), pools[-1].breaker_state))
+        return await memory_relay.open_transport(host, port)
+
+    options: dict[str, Any] = {"min_idle": 1, "breaker_failure_threshold": 2}
+    for _ in range(20):
+        async with sc.open_pool(
+            "relay.test:443", ssl_context=client_context, open_transport=spy, **options
+        ) as pool:
+            pools.append(pool)
+            await trio.sleep(0.5)
+            with pytest.raises(sc.ConnectError):
+                async with pool.connection():
+                    pass
+            await trio.sleep(1.0)
+            assert pool.breaker_state is OPEN
+    assert len(connects) >= 40
+    assert all(state is CLOSED for _, state in connects), connects

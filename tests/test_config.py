@@ -96,6 +96,15 @@ def test_bad_targets_are_rejected_at_call_time(
         ({"breaker_cooldown": math.nan}, ValueError, "breaker_cooldown"),
         ({"breaker_cooldown": math.inf}, ValueError, "breaker_cooldown must be finite"),
         ({"breaker_half_open_trials": 0}, ValueError, "breaker_half_open_trials must be >= 1"),
+        ({"histogram_rotation_interval": 0}, ValueError, "histogram_rotation_interval must be > 0"),
+        ({"max_latency_ms": 0}, ValueError, "max_latency_ms must be > 0 ms"),
+        ({"max_latency_ms": math.nan}, ValueError, "max_latency_ms"),
+        ({"metrics_port": -1}, ValueError, "metrics_port must be >= 0"),
+        ({"metrics_port": 65536}, ValueError, "metrics_port must be <= 65535"),
+        ({"metrics_port": "9090"}, TypeError, "metrics_port must be an int"),
+        ({"metrics_host": ""}, ValueError, "metrics_host"),
+        ({"metrics_auth_token": ""}, ValueError, "metrics_auth_token must be non-empty"),
+        ({"metrics_auth_token": 12345}, TypeError, "metrics_auth_token must be a str"),
     ],
 )
 def test_bad_options_are_rejected_at_call_time(
@@ -140,3 +149,12 @@ def test_options_typeddict_matches_config_fields() -> None:
     # open_pool's **options are typed by PoolOptions; it must list exactly the config's fields.
     fields = {field.name for field in dataclasses.fields(PoolConfig)}
     assert set(typing.get_type_hints(sc.PoolOptions)) == fields
+
+
+@pytest.mark.parametrize("token", ["", " padded-s3cret ", "line\nbreak-s3cret"])
+def test_bad_token_is_refused_without_being_echoed(token: str) -> None:
+    with pytest.raises(ValueError, match="metrics_auth_token") as info:
+        sc.open_pool("relay.example.com:443", metrics_auth_token=token)
+    assert "s3cret" not in str(info.value)
+    config = PoolConfig(metrics_auth_token="real-s3cret")
+    assert "s3cret" not in repr(config)

@@ -75,8 +75,25 @@ async def run_op(op: Op, pool: sc.SecureChannelPool, relay: Relay, begin: float)
                 assert await echo(channel, b"payload") == b"payload"
                 await trio.sleep(op.hold)
                 assert await echo(channel, b"again") == b"again"
-        except (AppError, sc.PoolExhausted, sc.ConnectError, trio.BrokenResourceError):
-            pass  # what a relay failure or a full pool may legitimately cause
+        except (
+            AppError,
+            sc.PoolExhausted,
+            sc.ConnectError,
+            sc.CircuitOpen,
+            trio.BrokenResourceError,
+        ):
+            pass  # what a relay failure, a full pool or an open breaker may cause
+
+
+async def close_the_breaker(pool: sc.SecureChannelPool) -> None:
+    """Wait out the cooldown; the trial (ours or the spare keeper's) then closes it."""
+    with trio.fail_after(5):
+        while pool.breaker_state is not sc.BreakerState.CLOSED:
+            try:
+                async with pool.connection() as channel:
+                    assert await echo(channel, b"trial") == b"trial"
+            except sc.CircuitOpen:
+                await trio.sleep(0.01)
 
 
 @settings(
@@ -104,6 +121,8 @@ def test_random_interleavings_keep_the_books(
                 "acquire_timeout": acquire_timeout,
                 "cleanup_interval": 0.05,
                 "connect_timeout": 5.0,
+                "breaker_failure_threshold": 3,
+                "breaker_cooldown": 0.05,
             }
             async with sc.open_pool(relay.target, ssl_context=context, **options) as pool:
                 monitor = BooksNeverOverflow(pool)
@@ -115,6 +134,7 @@ def test_random_interleavings_keep_the_books(
                             ops_nursery.start_soon(run_op, op, pool, relay, begin)
                     relay.mode = "echo"
                     await trio.sleep(0.1)  # quiet: spares settle, the cleanup pass runs
+                    await close_the_breaker(pool)
                     await assert_all_slots_free(pool)
                 finally:
                     trio.lowlevel.remove_instrument(monitor)

@@ -12,6 +12,7 @@ import enum
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, final
@@ -19,7 +20,6 @@ from typing import Any, final
 import trio
 
 from ._errors import CircuitOpen
-from ._events import EventBus
 
 logger = logging.getLogger("trio_securechannel")
 
@@ -32,7 +32,8 @@ class BreakerState(enum.Enum):
     #: Every checkout fails at once with `CircuitOpen`, touching no socket, until the
     #: cooldown ends.
     OPEN = "open"
-    #: The cooldown is over: a few trial checkouts go through, everyone else waits.
+    #: The cooldown is over: a few trial checkouts go through; everyone else still gets
+    #: `CircuitOpen` until a trial decides.
     HALF_OPEN = "half_open"
 
 
@@ -76,10 +77,11 @@ class BreakerEvent:
 class Trial:
     """A permit to make one trial checkout while the breaker is half-open."""
 
-    __slots__ = ("generation",)
+    __slots__ = ("generation", "started")
 
-    def __init__(self, generation: int) -> None:
+    def __init__(self, generation: int, started: float) -> None:
         self.generation = generation
+        self.started = started
 
 
 @final
@@ -106,9 +108,9 @@ class CircuitBreaker:
         self.consecutive_failures = 0
         self.opened_total = 0
         self.rejected_total = 0
+        self.transitions: Counter[BreakerState] = Counter()  # by the state entered
         self.open_until = -math.inf
-        self._trials_out = 0
-        self._trials_since = 0.0
+        self._trials: set[Trial] = set()  # permits out in the current half-open period
         self._generation = 0  # a new one each half-open period, so stale permits count for nothing
         self._transitions, self._transitions_out = trio.open_memory_channel[BreakerEvent](
             math.inf  # the pool's own task drains it; it never waits on an application
@@ -133,12 +135,11 @@ class CircuitBreaker:
     def take_trial(self, now: float) -> Trial | None:
         """A trial permit if the cooldown is over and one is left, else None."""
         self.cooldown_elapsed(now)
-        if self.state is not HALF_OPEN or self._trials_out >= self.half_open_trials:
+        if self.state is not HALF_OPEN or len(self._trials) >= self.half_open_trials:
             return None
-        if self._trials_out == 0:
-            self._trials_since = now
-        self._trials_out += 1
-        return Trial(self._generation)
+        trial = Trial(self._generation, now)
+        self._trials.add(trial)
+        return trial
 
     def retry_after(self, now: float) -> float | None:
         """Seconds until a checkout may get through; None while the breaker is closed."""
@@ -146,9 +147,11 @@ class CircuitBreaker:
             return None
         if self.state is OPEN:
             return max(0.0, self.open_until - now)
-        if self._trials_out < self.half_open_trials:
+        if len(self._trials) < self.half_open_trials:
             return 0.0
-        return max(0.0, self._trials_since + self.trial_timeout - now)
+        # The earliest trial out will have decided within its connect_timeout.
+        earliest = min(trial.started for trial in self._trials)
+        return max(0.0, earliest + self.trial_timeout - now)
 
     # -- outcomes -------------------------------------------------------------------------
 
@@ -174,13 +177,14 @@ class CircuitBreaker:
     def trial_abandoned(self, trial: Trial) -> None:
         """A trial was cancelled, or never reached the relay: its permit goes back."""
         if self._is_current(trial):
-            self._trials_out -= 1
+            self._trials.discard(trial)
 
     def cooldown_elapsed(self, now: float) -> None:
         if self.state is OPEN and now >= self.open_until:
             self._move(HALF_OPEN, now, f"cooldown of {self.cooldown:g}s over")
 
     def status(self, now: float) -> dict[str, Any]:
+        self.cooldown_elapsed(now)  # as a checkout would see it, even if the timer is late
         retry_after = self.retry_after(now)
         return {
             "state": self.state.value,
@@ -201,7 +205,8 @@ class CircuitBreaker:
     def _move(self, to_state: BreakerState, now: float, reason: str) -> None:
         event = BreakerEvent(self.endpoint, self.state, to_state, now, time.time(), reason)
         self.state = to_state
-        self._trials_out = 0
+        self.transitions[to_state] += 1
+        self._trials.clear()
         if to_state is HALF_OPEN:
             self._generation += 1
         elif to_state is CLOSED:
@@ -215,10 +220,18 @@ class CircuitBreaker:
 
     # -- the breaker's task ---------------------------------------------------------------
 
-    async def run(self, subscribers: EventBus[BreakerEvent]) -> None:
-        """Hand transitions to subscribers, and end each cooldown on time."""
+    async def run(self, publish: Callable[[BreakerEvent], None]) -> None:
+        """Hand transitions on to ``publish``, and end each cooldown on time."""
         while True:
             with trio.move_on_at(self.open_until if self.state is OPEN else math.inf):
-                subscribers.publish(await self._transitions_out.receive())
+                publish(await self._transitions_out.receive())
                 continue
             self.cooldown_elapsed(trio.current_time())
+
+    def flush(self, publish: Callable[[BreakerEvent], None]) -> None:
+        """Hand on transitions still queued (the pool is closing and the task is gone)."""
+        while True:
+            try:
+                publish(self._transitions_out.receive_nowait())
+            except trio.WouldBlock:
+                return

@@ -12,6 +12,7 @@ from typing import Any, final
 import trio
 
 from ._endpoint import Endpoint
+from ._latency import RotatingHistogram
 
 _channel_ids = itertools.count(1)
 
@@ -33,10 +34,9 @@ class SecureChannel(trio.abc.Stream):
         id: A number unique within the process, for logs.
         opened_at: `trio.current_time()` when the handshake completed.
         handshake_seconds: How long the TLS handshake took (after the TCP connect).
-        unanswered: True when the last I/O was a send with no reply read since. Such a
-            channel is not pooled again when its block ends: the reply still on its way
-            would reach the next user.
         errors: I/O errors seen on this channel, by kind (counted once per failure).
+        round_trips: Latency from a send to the next receive that returns data, in a
+            current and a previous window.
         bytes_sent: Application bytes sent.
         bytes_received: Application bytes received.
     """
@@ -60,9 +60,9 @@ class SecureChannel(trio.abc.Stream):
         self.opened_at = trio.current_time()
         self.idle_since = self.opened_at
         self.handshake_seconds = handshake_seconds
-        # Bytes sent since the last reply arrived: a block that ends here has left the
-        # relay's answer on its way, and the next user would read it.
-        self.unanswered = False
+        self.round_trips = RotatingHistogram(self.opened_at)
+        # When the first send since the last reply began (None: nothing awaits a reply).
+        self._awaiting_reply_since: float | None = None
         self.errors: Counter[str] = Counter()
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -86,6 +86,15 @@ class SecureChannel(trio.abc.Stream):
         return self._stream
 
     @property
+    def unanswered(self) -> bool:
+        """True when the last I/O was a send with no reply read since.
+
+        Such a channel is not pooled again when its block ends: the reply still on its
+        way would reach the next user.
+        """
+        return self._awaiting_reply_since is not None
+
+    @property
     def closed(self) -> bool:
         """True once `aclose` has been called."""
         return self._closed
@@ -94,6 +103,10 @@ class SecureChannel(trio.abc.Stream):
     def reusable(self) -> bool:
         """True while nothing has happened that forbids lending this channel again."""
         return self.spent is None
+
+    def retire_when_returned(self, reason: str) -> None:
+        """Let the current user finish, but never lend this channel again."""
+        self._spend(reason)
 
     def _fail(self, kind: str) -> None:
         # A stream breaks once; later calls re-raise the same state and count nothing.
@@ -109,6 +122,7 @@ class SecureChannel(trio.abc.Stream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt and send all of ``data``. See `trio.abc.SendStream.send_all`."""
+        started = trio.current_time()
         try:
             await self._stream.send_all(data)
         except trio.BusyResourceError:
@@ -121,8 +135,8 @@ class SecureChannel(trio.abc.Stream):
             self._spend("cancelled")
             raise
         self.bytes_sent += len(data)
-        if data:
-            self.unanswered = True
+        if data and self._awaiting_reply_since is None:
+            self._awaiting_reply_since = started
 
     async def wait_send_all_might_not_block(self) -> None:
         """See `trio.abc.SendStream.wait_send_all_might_not_block`."""
@@ -149,7 +163,9 @@ class SecureChannel(trio.abc.Stream):
             raise
         if data:
             self.bytes_received += len(data)
-            self.unanswered = False
+            if self._awaiting_reply_since is not None:
+                self.round_trips.observe(trio.current_time() - self._awaiting_reply_since)
+                self._awaiting_reply_since = None
         else:
             self._spend("eof")  # the peer closed its side
         return data

@@ -7,7 +7,7 @@ import math
 import re
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypedDict, final
 
 import trio
@@ -49,6 +49,15 @@ class PoolConfig:
             I/O errors on lent channels) that open the circuit breaker.
         breaker_cooldown: Seconds the breaker stays open before trial checkouts.
         breaker_half_open_trials: Trial checkouts let through once the cooldown is over.
+        histogram_rotation_interval: Seconds each latency window covers; the cleanup pass
+            starts a new one when it is due, keeping one previous window.
+        max_latency_ms: Channels whose recent median round trip is slower than this are
+            retired (reason ``"slow"``) by the cleanup pass. None: never.
+        metrics_port: Serve ``/metrics``, ``/status``, ``/healthz`` and ``/events`` on this
+            port (0: any free one, see `SecureChannelPool.metrics_address`). None: no server.
+        metrics_host: Address the metrics server listens on.
+        metrics_auth_token: When set, ``/metrics``, ``/status`` and ``/events`` require it,
+            as ``X-Auth-Token: <token>`` or ``Authorization: Bearer <token>``.
     """
 
     ssl_context: ssl.SSLContext | None = None
@@ -65,6 +74,11 @@ class PoolConfig:
     breaker_failure_threshold: int = 5
     breaker_cooldown: float = 60.0
     breaker_half_open_trials: int = 1
+    histogram_rotation_interval: float = 60.0
+    max_latency_ms: float | None = None
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_auth_token: str | None = field(default=None, repr=False)  # never in reprs or logs
 
     def __post_init__(self) -> None:
         if self.ssl_context is not None:
@@ -93,6 +107,34 @@ class PoolConfig:
         _check_int("breaker_failure_threshold", self.breaker_failure_threshold, minimum=1)
         _check_seconds("breaker_cooldown", self.breaker_cooldown, finite=True)
         _check_int("breaker_half_open_trials", self.breaker_half_open_trials, minimum=1)
+        _check_seconds(
+            "histogram_rotation_interval",
+            self.histogram_rotation_interval,
+            positive=True,
+            finite=True,
+        )
+        if self.max_latency_ms is not None:
+            _check_seconds(
+                "max_latency_ms", self.max_latency_ms, positive=True, finite=True, unit="ms"
+            )
+        if self.metrics_port is not None:
+            _check_int("metrics_port", self.metrics_port, minimum=0)
+            if self.metrics_port > 65535:
+                raise ValueError(f"metrics_port must be <= 65535, got {self.metrics_port}")
+        if not isinstance(self.metrics_host, str) or not self.metrics_host:
+            raise ValueError(
+                f"metrics_host must be a host name or address, got {self.metrics_host!r}"
+            )
+        token = self.metrics_auth_token
+        if token is not None:
+            if not isinstance(token, str):
+                raise TypeError(f"metrics_auth_token must be a str, got {type(token).__name__}")
+            if not token or not token.isprintable() or token != token.strip():
+                # Not echoed: even a malformed token may be most of a secret.
+                raise ValueError(
+                    "metrics_auth_token must be non-empty printable text without surrounding"
+                    " spaces; omit it (None) for no authentication"
+                )
 
     def replace(self, **options: Unpack[PoolOptions]) -> PoolConfig:
         """Return a copy with some options changed (validated like a new config).
@@ -120,6 +162,11 @@ class PoolOptions(TypedDict, total=False):
     breaker_failure_threshold: int
     breaker_cooldown: float
     breaker_half_open_trials: int
+    histogram_rotation_interval: float
+    max_latency_ms: float | None
+    metrics_port: int | None
+    metrics_host: str
+    metrics_auth_token: str | None
 
 
 def _known_options(options: dict[str, Any] | PoolOptions) -> dict[str, Any]:
@@ -141,11 +188,16 @@ def _check_int(field: str, value: object, *, minimum: int) -> None:
 
 
 def _check_seconds(
-    field: str, value: object, *, positive: bool = False, finite: bool = False
+    field: str,
+    value: object,
+    *,
+    positive: bool = False,
+    finite: bool = False,
+    unit: str = "seconds",
 ) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{field} must be a number of seconds, got {value!r}")
+        raise TypeError(f"{field} must be a number of {unit}, got {value!r}")
     if math.isnan(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{field} must be {'> 0' if positive else '>= 0'} seconds, got {value}")
+        raise ValueError(f"{field} must be {'> 0' if positive else '>= 0'} {unit}, got {value}")
     if finite and math.isinf(value):
         raise ValueError(f"{field} must be finite, got {value}")

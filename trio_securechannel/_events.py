@@ -7,6 +7,7 @@ so a slow or absent reader costs a fixed amount of memory and never holds the po
 
 from __future__ import annotations
 
+import weakref
 from types import TracebackType
 from typing import Generic, TypeVar, final
 
@@ -77,7 +78,9 @@ class EventBus(Generic[T]):
 
     def __init__(self, capacity: int = 64) -> None:
         self._capacity = capacity
-        self._streams: set[EventStream[T]] = set()
+        # Weak: a subscriber that stops iterating without closing its stream (a `break` out
+        # of ``async for``) must not stay subscribed, and buffering, forever.
+        self._streams: weakref.WeakSet[EventStream[T]] = weakref.WeakSet()
         self._closed = False
 
     def subscribe(self) -> EventStream[T]:
@@ -92,11 +95,11 @@ class EventBus(Generic[T]):
         self._streams.discard(stream)
 
     def publish(self, event: T) -> None:
-        for stream in self._streams:
+        for stream in list(self._streams):
             stream.offer(event)
 
     def close(self) -> None:
         self._closed = True
-        for stream in self._streams:
+        for stream in list(self._streams):
             stream.end()
         self._streams.clear()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, final
 
 import trio
+from prometheus_client import CollectorRegistry, generate_latest
 
 from ._breaker import BreakerEvent, BreakerState, CircuitBreaker, Trial
 from ._channel import SecureChannel
@@ -19,7 +19,10 @@ from ._connect import open_channel
 from ._endpoint import Endpoint, Target
 from ._errors import CircuitOpen, ConnectError, PoolClosed, PoolExhausted
 from ._events import EventBus, EventStream
+from ._metrics import PoolCollector
+from ._server import serve_metrics
 from ._slots import CLOSED, Grant, Slots
+from ._stats import PoolStats
 from ._tls import load_root_store
 from ._upkeep import Upkeep
 
@@ -55,12 +58,12 @@ class SecureChannelPool:
         self._breaker_events = EventBus[BreakerEvent]()
         self._upkeep = Upkeep(self)
         self._drained = trio.lowlevel.ParkingLot()  # shutdown waits here for lent channels
-        self._opened_total = 0
-        self._closed_by_reason: Counter[str] = Counter()
-        # Errors of channels already gone and of opens that failed. Errors of live channels
-        # stay on the channel; `status` adds the two, so nothing is counted twice.
-        self._past_errors: Counter[str] = Counter()
-        self._exhausted_total = 0
+        self._stats = PoolStats(trio.current_time(), config.histogram_rotation_interval)
+        # Channel and breaker events as JSON-ready dicts, for the /events stream.
+        self._events = EventBus[dict[str, Any]]()
+        self.metrics_registry = CollectorRegistry(auto_describe=False)
+        self.metrics_registry.register(PoolCollector(self))
+        self._metrics_address: tuple[str, int] | None = None
 
     def __repr__(self) -> str:
         slots = self._slots
@@ -107,12 +110,25 @@ class SecureChannelPool:
         """
         return _Lease(self)
 
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` the metrics server listens on; None without ``metrics_port``."""
+        return self._metrics_address
+
+    def metrics_text(self) -> bytes:
+        """The pool's metrics in the Prometheus text format, as ``/metrics`` serves them."""
+        return generate_latest(self.metrics_registry)
+
+    def channels(self) -> list[SecureChannel]:
+        """The pool's open channels, idle and lent out."""
+        return [*self._slots.idle, *self._slots.in_use]
+
     def status(self) -> dict[str, Any]:
-        """A JSON-serialisable snapshot of the pool's state and counters."""
-        slots = self._slots
-        errors = self._past_errors.copy()
-        for channel in slots.in_use:
-            errors.update(channel.errors)
+        """A JSON-serialisable snapshot of the pool's state, counters and latencies."""
+        slots, stats = self._slots, self._stats
+        now = trio.current_time()
+        live = self.channels()
+        errors = stats.errors(slots.in_use)
         return {
             "target": str(self.endpoint),
             "healthy": self.healthy,
@@ -124,14 +140,31 @@ class SecureChannelPool:
                 "waiting": len(slots.waiters),
                 "max": slots.max_connections,
                 "min_idle": self.config.min_idle,
-                "opened_total": self._opened_total,
-                "closed_total": sum(self._closed_by_reason.values()),
-                "closed_by_reason": dict(self._closed_by_reason),
+                "opened_total": stats.opened_total,
+                "closed_total": sum(stats.closed_by_reason.values()),
+                "closed_by_reason": dict(stats.closed_by_reason),
             },
-            "breaker": self._breaker.status(trio.current_time()),
+            "breaker": self._breaker.status(now),
             "errors_total": sum(errors.values()),
             "errors_by_kind": dict(errors),
-            "pool_exhausted_total": self._exhausted_total,
+            "pool_exhausted_total": stats.exhausted_total,
+            "bytes_sent_total": stats.bytes_sent(live),
+            "bytes_received_total": stats.bytes_received(live),
+            "latency": {
+                "handshake": stats.handshakes.recent().summary(),
+                "round_trip": stats.round_trips_recent(live).summary(),
+                "acquire_wait": stats.acquire_waits.recent().summary(),
+            },
+            "channels": [
+                {
+                    "id": channel.id,
+                    "state": "in_use" if channel in slots.in_use else "idle",
+                    "age_s": round(now - channel.opened_at, 3),
+                    "handshake_ms": round(channel.handshake_seconds * 1000, 3),
+                    "round_trip": channel.round_trips.recent().summary(),
+                }
+                for channel in live
+            ],
         }
 
     # -- checkout -------------------------------------------------------------------------
@@ -145,7 +178,11 @@ class SecureChannelPool:
             return await self._checkout_trial(trial)
         grant = self._slots.try_take()
         if grant is None:
+            began = trio.current_time()
             grant = await self._wait_turn()
+            self._stats.acquire_waits.observe(trio.current_time() - began)
+        else:
+            self._stats.acquire_waits.observe(0.0)
         self._upkeep.notice_change()
         while isinstance(grant, SecureChannel):
             unfit = self._unfit_reason(grant)
@@ -170,18 +207,24 @@ class SecureChannelPool:
 
     async def _checkout_trial(self, trial: Trial) -> SecureChannel:
         """A half-open breaker's trial: always on a freshly opened channel."""
-        if not await self.reserve_for_trial(trial):
-            self._exhausted_total += 1
-            raise PoolExhausted(str(self.endpoint), self.config.max_connections, 0.0)
+        try:
+            if not await self.reserve_fresh_slot():
+                grant = await self._wait_turn()  # every slot is lent: wait like anyone
+                if grant is CLOSED:
+                    raise PoolClosed(str(self.endpoint))
+                if isinstance(grant, SecureChannel):  # a trial must not reuse one
+                    self._slots.trade_for_slot(grant)
+                    await self._retire(grant, "trial", graceful=True)
+        except BaseException:
+            self._breaker.trial_abandoned(trial)
+            raise
         return await self.open_in_reserved_slot(trial=trial)
 
-    async def reserve_for_trial(self, trial: Trial) -> bool:
-        """Reserve a slot for a trial's fresh channel; False (permit returned) if none."""
+    async def reserve_fresh_slot(self) -> bool:
+        """Reserve a slot for a brand-new channel (a trial's), evicting an idle one if need be."""
         reserved, evicted = self._slots.reserve_fresh()
         if evicted is not None:
             await self._retire(evicted, "trial", graceful=False)
-        if not reserved:
-            self._breaker.trial_abandoned(trial)
         return reserved
 
     async def _wait_turn(self) -> SecureChannel | Grant:
@@ -201,7 +244,7 @@ class SecureChannelPool:
             if waiter.grant is not None:
                 return waiter.grant  # granted, even if it came with the deadline
             self._slots.withdraw(waiter)
-        self._exhausted_total += 1
+        self._stats.exhausted_total += 1
         raise PoolExhausted(str(self.endpoint), self.config.max_connections, timeout)
 
     def _unfit_reason(self, channel: SecureChannel) -> str | None:
@@ -223,7 +266,17 @@ class SecureChannelPool:
 
         The caller holds the new channel. The outcome is the breaker's to judge, before
         the caller sees it.
+
+        Raises:
+            CircuitOpen: The breaker opened since the slot was reserved, and this is no
+                trial: the slot is freed without touching the network.
         """
+        if trial is None and self._breaker.state is not BreakerState.CLOSED:
+            self._slots.open_failed()
+            self._released()
+            raise CircuitOpen(
+                str(self.endpoint), self._breaker.retry_after(trio.current_time()) or 0.0
+            )
         try:
             channel = await open_channel(
                 self.endpoint,
@@ -235,16 +288,23 @@ class SecureChannelPool:
         except BaseException as exc:
             self._slots.open_failed()
             if isinstance(exc, ConnectError):
-                self._past_errors[exc.phase] += 1
+                self._stats.connect_failed(exc.phase)
                 self._breaker.failed(trio.current_time(), exc.reason, trial)
             elif trial is not None:
                 self._breaker.trial_abandoned(trial)  # cancelled: neither success nor failure
             self._released()
             raise
         self._breaker.succeeded(trio.current_time(), trial)
-        self._opened_total += 1
+        self._stats.channel_opened(channel)
         self._slots.opened(channel)
         logger.debug("opened %r", channel)
+        self._events.publish(
+            {
+                "type": "channel_opened",
+                "channel": channel.id,
+                "handshake_ms": _ms(channel.handshake_seconds),
+            }
+        )
         if self._slots.closed:
             self._slots.forget(channel)
             await self._retire(channel, "shutdown", graceful=True)
@@ -308,9 +368,9 @@ class SecureChannelPool:
         Graceful: a TLS close_notify within ``shutdown_timeout``. Otherwise (the channel
         may be mid-record, or its peer gone) the socket is closed at once.
         """
-        self._closed_by_reason[reason] += 1
-        self._past_errors.update(channel.errors)
+        self._stats.channel_closed(channel, reason)
         self._released()
+        self._events.publish({"type": "channel_closed", "channel": channel.id, "reason": reason})
         logger.debug("closing %r (%s)", channel, reason)
         with trio.CancelScope(shield=True) as scope:
             if graceful:
@@ -321,6 +381,10 @@ class SecureChannelPool:
                 await channel.aclose()
             except (trio.BrokenResourceError, OSError) as exc:
                 logger.debug("closing %r: %r", channel, exc)
+
+    def _publish_breaker_event(self, event: BreakerEvent) -> None:
+        self._breaker_events.publish(event)
+        self._events.publish({"type": "breaker", **event.as_dict()})
 
     def _released(self) -> None:
         """A channel or a slot left the books: whoever waits for that may go on."""
@@ -335,7 +399,6 @@ class SecureChannelPool:
         deadline = trio.current_time() + self.config.shutdown_timeout
         with trio.CancelScope(shield=True, deadline=deadline):
             idle = slots.close()
-            self._breaker_events.close()
             async with trio.open_nursery() as nursery:
                 for channel in idle:
                     nursery.start_soon(self._close_idle_for_shutdown, channel)
@@ -345,6 +408,10 @@ class SecureChannelPool:
         for channel in list(slots.in_use):
             slots.forget(channel)
             await self._retire(channel, "shutdown", graceful=False)
+        # The breaker's task is gone: hand on what it did not, then end every stream.
+        self._breaker.flush(self._publish_breaker_event)
+        self._breaker_events.close()
+        self._events.close()
 
     async def _close_idle_for_shutdown(self, channel: SecureChannel) -> None:
         await self._retire(channel, "shutdown", graceful=True)
@@ -422,7 +489,9 @@ async def _run_pool(endpoint: Endpoint, config: PoolConfig) -> AsyncIterator[Sec
     body_error: BaseException | None = None
     async with trio.open_nursery() as nursery:
         pool._upkeep.start(nursery)
-        nursery.start_soon(pool._breaker.run, pool._breaker_events)
+        nursery.start_soon(pool._breaker.run, pool._publish_breaker_event)
+        if config.metrics_port is not None:
+            pool._metrics_address = await nursery.start(serve_metrics, pool)
         try:
             yield pool
         except BaseException as exc:
@@ -433,3 +502,7 @@ async def _run_pool(endpoint: Endpoint, config: PoolConfig) -> AsyncIterator[Sec
             await pool._shutdown()
     if body_error is not None:
         raise body_error
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)

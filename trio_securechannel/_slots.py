@@ -169,6 +169,11 @@ class Slots:
         self.opening += 1
         return OPEN
 
+    def trade_for_slot(self, channel: SecureChannel) -> None:
+        """Give up a held channel (the caller closes it) but keep its slot, to open anew."""
+        self.in_use.remove(channel)
+        self.opening += 1
+
     def close(self) -> list[SecureChannel]:
         """Stop lending: wake every waiter with CLOSED and hand back the idle channels."""
         self.closed = True

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, final
 import trio
 
 from ._breaker import CLOSED, HALF_OPEN, Trial
-from ._errors import PoolClosed
+from ._errors import CircuitOpen, PoolClosed
 
 if TYPE_CHECKING:
     from ._channel import SecureChannel
@@ -71,9 +71,12 @@ class Upkeep:
                     # Find out whether the relay is back without waiting for traffic (the
                     # breaker's cooldown stands in for the spares' own backoff here).
                     trial = pool._breaker.take_trial(trio.current_time())
-                    if trial is not None and await pool.reserve_for_trial(trial):
-                        self._opening_spares += 1
-                        nursery.start_soon(self._open_spare, trial)
+                    if trial is not None:
+                        if await pool.reserve_fresh_slot():
+                            self._opening_spares += 1
+                            nursery.start_soon(self._open_spare, trial)
+                        else:
+                            pool._breaker.trial_abandoned(trial)
                 # While open: no connection attempts at all until the cooldown ends.
                 await self._wakeup.park()
 
@@ -81,8 +84,8 @@ class Upkeep:
         try:
             channel = await self._pool.open_in_reserved_slot(trial=trial)
             await self._pool.add_spare(channel)
-        except PoolClosed:
-            pass
+        except (PoolClosed, CircuitOpen):
+            pass  # closing, or the breaker opened since this spare was planned: no connect
         except Exception as exc:  # whatever it is, a spare's failure must not end the pool
             self._spare_failures += 1
             backoff = min(SPARE_BACKOFF_MAX, SPARE_BACKOFF_FIRST * 2 ** (self._spare_failures - 1))
@@ -110,10 +113,18 @@ class Upkeep:
         pool = self._pool
         slots, config = pool._slots, pool.config
         now = trio.current_time()
+        # Forced here, whatever the load, so latency windows never grow past two.
+        pool._stats.rotate(now, pool.channels())
+        if config.max_latency_ms is not None:
+            for channel in slots.in_use:
+                if _too_slow(channel, config.max_latency_ms):
+                    channel.retire_when_returned("slow")
         doomed: list[tuple[SecureChannel, str]] = []
         keepers: list[SecureChannel] = []
         for channel in slots.idle:  # longest idle first
             reason = pool._unfit_reason(channel)
+            if reason is None and config.max_latency_ms is not None:
+                reason = "slow" if _too_slow(channel, config.max_latency_ms) else None
             if reason is None:
                 keepers.append(channel)
             else:
@@ -133,3 +144,9 @@ class Upkeep:
                 nursery.start_soon(
                     partial(pool._retire, graceful=reason != "stale"), channel, reason
                 )
+
+
+def _too_slow(channel: SecureChannel, max_latency_ms: float) -> bool:
+    """Whether the channel's recent median round trip is above the limit."""
+    median = channel.round_trips.recent().quantile(0.5)
+    return median is not None and median * 1000 > max_latency_ms

@@ -1,0 +1,229 @@
+"""Prometheus metrics (rows 25, 7, 8): names, promtool, one registry per pool, errors once."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import ssl
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from http_client import request
+from prometheus_client.parser import text_string_to_metric_families
+
+import trio_securechannel as sc
+
+from helpers import books, echo
+from relay import MemoryRelay, Relay
+
+REQUIRED = {
+    "connections_opened": "counter",
+    "connections_closed": "counter",
+    "connections": "gauge",
+    "errors": "counter",
+    "pool_exhausted": "counter",
+    "breaker_state": "gauge",
+    "breaker_transitions": "counter",
+    "breaker_rejected": "counter",
+    "handshake_seconds": "histogram",
+    "round_trip_seconds": "histogram",
+    "acquire_wait_seconds": "histogram",
+    "bytes_sent": "counter",
+    "bytes_received": "counter",
+}
+
+
+def samples(
+    text: bytes, namespace: str = "securechannel"
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample as {(name, sorted labels): value}, checking the namespace on the way."""
+    found = {}
+    for family in text_string_to_metric_families(text.decode()):
+        assert family.name.startswith(f"{namespace}_"), family.name
+        assert family.documentation, f"{family.name} has no HELP"
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+async def busy_pool_metrics(
+    relay: Relay, context: ssl.SSLContext, **options: Any
+) -> tuple[bytes, dict[str, Any]]:
+    """Traffic, an exhaustion, a connect failure and a breaker opening, then a scrape."""
+    async with sc.open_pool(
+        relay.target, ssl_context=context, max_connections=2, **options
+    ) as pool:
+        for _ in range(5):
+            async with pool.connection() as channel:
+                assert await echo(channel, b"0123456789") == b"0123456789"
+        async with pool.connection(), pool.connection():
+            with pytest.raises(sc.PoolExhausted):
+                async with pool.connection():
+                    pass
+        for channel in list(pool._slots.idle):  # so that the next checkout must connect
+            pool._slots.evict_idle(channel)
+            await pool._retire(channel, "test", graceful=False)
+        relay.mode = "hangup"
+        for _ in range(pool.config.breaker_failure_threshold):
+            with pytest.raises(sc.ConnectError):
+                async with pool.connection():
+                    pass
+        with pytest.raises(sc.CircuitOpen):
+            async with pool.connection():
+                pass
+        return pool.metrics_text(), pool.status()
+
+
+async def test_every_required_metric_is_there_with_help_and_units(
+    relay: Relay, client_context: ssl.SSLContext
+) -> None:
+    text, status = await busy_pool_metrics(relay, client_context, breaker_failure_threshold=1)
+    families = {f.name: f for f in text_string_to_metric_families(text.decode())}
+    for name, kind in REQUIRED.items():
+        family = families.get(f"securechannel_{name}")
+        assert family is not None, f"securechannel_{name} missing"
+        assert family.type == kind, (name, family.type)
+        assert family.documentation
+        for sample in family.samples:
+            # Bounded cardinality: no label names a connection.
+            assert set(sample.labels) <= {"reason", "state", "kind", "to", "le"}, sample
+    values = samples(text)
+    assert (
+        values[("securechannel_connections_opened_total", ())]
+        == status["connections"]["opened_total"]
+    )
+    assert values[("securechannel_pool_exhausted_total", ())] == 1
+    assert values[("securechannel_breaker_state", ())] == 2  # open
+    assert values[("securechannel_breaker_transitions_total", (("to", "open"),))] == 1
+    assert values[("securechannel_breaker_rejected_total", ())] == 1
+    assert values[("securechannel_errors_total", (("kind", "tls"),))] == 1
+    assert values[("securechannel_bytes_sent_total", ())] == 50 == status["bytes_sent_total"]
+    assert values[("securechannel_bytes_received_total", ())] == 50
+    assert values[("securechannel_round_trip_seconds_count", ())] == 5
+    # Every checkout that got its turn: 5 + 2 + the one that then failed to connect.
+    assert values[("securechannel_acquire_wait_seconds_count", ())] == 8
+    assert not re.search(rb"_total_total|_seconds_seconds", text)
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+async def test_exposition_passes_promtool(relay: Relay, client_context: ssl.SSLContext) -> None:
+    text, _ = await busy_pool_metrics(relay, client_context, breaker_failure_threshold=1)
+    checked = await trio.run_process(
+        ["promtool", "check", "metrics"],
+        stdin=text,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.strip() + checked.stderr.strip() == b""  # not even a lint warning
+
+
+async def test_two_pools_in_one_process_report_only_their_own(
+    nursery: trio.Nursery, client_context: ssl.SSLContext
+) -> None:
+    from conftest import make_server_context
+
+    relays = [Relay(make_server_context()), Relay(make_server_context())]
+    for relay in relays:
+        await nursery.start(relay.serve)
+    options: dict[str, Any] = {"ssl_context": client_context, "metrics_port": 0}
+    async with (
+        sc.open_pool(relays[0].target, namespace="relay_a", **options) as pool_a,
+        sc.open_pool(relays[1].target, namespace="relay_b", **options) as pool_b,
+    ):
+        for pool, round_trips in ((pool_a, 3), (pool_b, 7)):
+            for _ in range(round_trips):
+                async with pool.connection() as channel:
+                    assert await echo(channel, b"x") == b"x"
+        assert pool_a.metrics_address != pool_b.metrics_address
+        assert pool_a.metrics_address is not None
+        assert pool_b.metrics_address is not None
+        scraped_a = await request(pool_a.metrics_address, "/metrics")
+        scraped_b = await request(pool_b.metrics_address, "/metrics")
+    a, b = samples(scraped_a.body, "relay_a"), samples(scraped_b.body, "relay_b")
+    assert a[("relay_a_round_trip_seconds_count", ())] == 3
+    assert b[("relay_b_round_trip_seconds_count", ())] == 7
+    assert a[("relay_a_bytes_sent_total", ())] == 3
+    assert b[("relay_b_bytes_sent_total", ())] == 7
+    for relay in relays:
+        relay.stop()
+
+
+async def test_errors_are_counted_once_under_mixed_failures(
+    relay: Relay, client_context: ssl.SSLContext
+) -> None:
+    """Every failure a caller sees is one error, whether the channel is live or gone."""
+    seen_by_callers = {"tls": 0, "io": 0}
+    options: dict[str, Any] = {"breaker_failure_threshold": 1000, "max_connections": 4}
+    async with sc.open_pool(relay.target, ssl_context=client_context, **options) as pool:
+        for round_number in range(12):
+            relay.mode = "hangup" if round_number % 3 == 0 else "echo"
+            try:
+                async with pool.connection() as channel:
+                    assert await echo(channel, b"ping") == b"ping"
+                    if round_number % 2:
+                        relay.reset_connections()  # mid-use: the next read breaks
+                        try:
+                            await channel.receive_some()
+                        except trio.BrokenResourceError:
+                            seen_by_callers["io"] += 1
+                            # While the broken channel is still lent, status and metrics agree.
+                            live = pool.status()["errors_total"]
+                            metric = _errors_in(pool.metrics_text())
+                            assert live == metric
+                            raise
+            except sc.ConnectError:
+                seen_by_callers["tls"] += 1
+            except trio.BrokenResourceError:
+                pass
+        status = pool.status()
+        metric_errors = samples(pool.metrics_text())
+    assert seen_by_callers["io"] > 0
+    assert seen_by_callers["tls"] > 0
+    assert status["errors_by_kind"] == seen_by_callers
+    assert status["errors_total"] == sum(seen_by_callers.values())
+    for kind, count in seen_by_callers.items():
+        assert metric_errors[("securechannel_errors_total", (("kind", kind),))] == count
+
+
+def _errors_in(text: bytes) -> float:
+    return sum(
+        value for (name, _), value in samples(text).items() if name == "securechannel_errors_total"
+    )
+
+
+async def test_slow_channels_are_retired_and_replaced(
+    autojump_clock: trio.testing.MockClock,
+    memory_relay: MemoryRelay,
+    client_context: ssl.SSLContext,
+) -> None:
+    """Row 8: a relay answering slower than max_latency_ms loses its channels at the pass."""
+    memory_relay.echo_delay = 0.050  # 50 ms per round trip, in virtual time
+    options: dict[str, Any] = {"max_latency_ms": 20, "cleanup_interval": 5.0, "min_idle": 1}
+    start = trio.current_time()
+    async with sc.open_pool(
+        "relay.test:443",
+        ssl_context=client_context,
+        open_transport=memory_relay.open_transport,
+        **options,
+    ) as pool:
+        async with pool.connection() as channel:
+            assert await echo(channel, b"slow") == b"slow"
+            summary = pool.status()["channels"]
+        slow_id = channel.id
+        assert any(c["id"] == slow_id and c["round_trip"]["p50_ms"] > 20 for c in summary)
+        await trio.sleep_until(start + 4.99)
+        assert not channel.closed
+        await trio.sleep_until(start + 5.01)  # the pass at t=5 retires it
+        assert channel.closed
+        assert books(pool)["closed_by_reason"] == {"slow": 1}
+        assert books(pool)["idle"] == 1  # a fresh spare took its place, as min_idle asks
+        memory_relay.echo_delay = 0.001
+        async with pool.connection() as fast:
+            assert fast.id != slow_id
+            assert await echo(fast, b"fast") == b"fast"
+        await trio.sleep_until(start + 10.01)
+        assert books(pool)["closed_by_reason"] == {"slow": 1}  # 1 ms is fine
