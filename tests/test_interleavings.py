@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import trio_securechannel as sc
 
 from conftest import make_server_context
-from helpers import assert_all_slots_free, echo
+from helpers import assert_all_slots_free, books, echo, wait_until
 from relay import Relay
 
 
@@ -135,6 +135,8 @@ def test_random_interleavings_keep_the_books(
                     relay.mode = "echo"
                     await trio.sleep(0.1)  # quiet: spares settle, the cleanup pass runs
                     await close_the_breaker(pool)
+                    # Spares still opening hold slots, which acquire_timeout=0 would not wait for.
+                    await wait_until(lambda: books(pool)["opening"] == 0)
                     await assert_all_slots_free(pool)
                 finally:
                     trio.lowlevel.remove_instrument(monitor)

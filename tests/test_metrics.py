@@ -227,3 +227,85 @@ async def test_slow_channels_are_retired_and_replaced(
             assert await echo(fast, b"fast") == b"fast"
         await trio.sleep_until(start + 10.01)
         assert books(pool)["closed_by_reason"] == {"slow": 1}  # 1 ms is fine
+
+
+@pytest.mark.parametrize(
+    ("round_trip", "limit_ms", "retired"),
+    [(0.260, 280, False), (0.310, 300, True), (0.0099, 9.5, True), (0.0095, 9.9, False)],
+)
+async def test_slow_threshold_is_exact_near_the_limit(
+    autojump_clock: trio.testing.MockClock,
+    memory_relay: MemoryRelay,
+    client_context: ssl.SSLContext,
+    round_trip: float,
+    limit_ms: float,
+    retired: bool,
+) -> None:
+    memory_relay.echo_delay = round_trip
+    options: dict[str, Any] = {"max_latency_ms": limit_ms, "cleanup_interval": 5.0}
+    async with sc.open_pool(
+        "relay.test:443",
+        ssl_context=client_context,
+        open_transport=memory_relay.open_transport,
+        **options,
+    ) as pool:
+        for _ in range(3):
+            async with pool.connection() as channel:
+                assert await echo(channel, b"t") == b"t"
+        assert channel.recent_round_trip() == pytest.approx(round_trip)
+        await trio.sleep(5.1)
+        assert channel.closed is retired
+
+
+async def test_counters_never_go_down(
+    autojump_clock: trio.testing.MockClock,
+    memory_relay: MemoryRelay,
+    client_context: ssl.SSLContext,
+) -> None:
+    """Prometheus reads any dip as a counter reset: check after every scheduling step."""
+
+    class Monotonic(trio.abc.Instrument):
+        def __init__(self, pool: sc.SecureChannelPool) -> None:
+            self.pool, self.last, self.checks = pool, (0.0, 0.0, 0.0, 0.0), 0
+
+        def after_task_step(self, task: trio.lowlevel.Task) -> None:
+            values = samples(self.pool.metrics_text())
+            now = (
+                values[("securechannel_bytes_sent_total", ())],
+                values[("securechannel_round_trip_seconds_count", ())],
+                sum(
+                    v
+                    for (name, _), v in values.items()
+                    if name == "securechannel_connections_closed_total"
+                ),
+                sum(v for (name, _), v in values.items() if name == "securechannel_errors_total"),
+            )
+            assert all(a >= b for a, b in zip(now, self.last, strict=True)), (self.last, now)
+            self.last = now
+            self.checks += 1
+
+    options: dict[str, Any] = {"idle_timeout": 2.0, "cleanup_interval": 1.0, "max_connections": 4}
+    async with sc.open_pool(
+        "relay.test:443",
+        ssl_context=client_context,
+        open_transport=memory_relay.open_transport,
+        **options,
+    ) as pool:
+        monitor = Monotonic(pool)
+        trio.lowlevel.add_instrument(monitor)
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    nursery.start_soon(_round_trips, pool, 5)
+            await trio.sleep(3.5)  # the cleanup pass reaps all four while we watch
+            assert books(pool)["closed_by_reason"] == {"idle": 4}
+        finally:
+            trio.lowlevel.remove_instrument(monitor)
+    assert monitor.checks > 50
+    assert monitor.last[:3] == (20.0, 20.0, 4.0)
+
+
+async def _round_trips(pool: sc.SecureChannelPool, count: int) -> None:
+    for _ in range(count):
+        async with pool.connection() as channel:
+            assert await echo(channel, b"x") == b"x"

@@ -1,9 +1,10 @@
 """The circuit breaker: stop hammering a relay that is down, notice quickly when it is back.
 
 The state machine is small and synchronous, so a failure that reaches the threshold has
-opened the breaker before its caller sees the error. Its transitions travel over a trio
-memory channel to the breaker's task in the pool's nursery, which owns the cooldown timer
-and hands every transition on to the application's subscribers.
+opened the breaker before its caller sees the error, and each transition is handed on at
+once: subscribers receive it over their own trio memory channels (see `_events`), so no
+transition is ever lost, not even one made as the pool closes. The breaker's task in the
+pool's nursery owns the cooldown timer.
 """
 
 from __future__ import annotations
@@ -112,9 +113,7 @@ class CircuitBreaker:
         self.open_until = -math.inf
         self._trials: set[Trial] = set()  # permits out in the current half-open period
         self._generation = 0  # a new one each half-open period, so stale permits count for nothing
-        self._transitions, self._transitions_out = trio.open_memory_channel[BreakerEvent](
-            math.inf  # the pool's own task drains it; it never waits on an application
-        )
+        self._moved = trio.lowlevel.ParkingLot()  # wakes the timer task on every transition
 
     # -- decisions ------------------------------------------------------------------------
 
@@ -184,8 +183,7 @@ class CircuitBreaker:
             self._move(HALF_OPEN, now, f"cooldown of {self.cooldown:g}s over")
 
     def status(self, now: float) -> dict[str, Any]:
-        self.cooldown_elapsed(now)  # as a checkout would see it, even if the timer is late
-        retry_after = self.retry_after(now)
+        retry_after = self.retry_after(now)  # a pure read: /status and /metrics agree
         return {
             "state": self.state.value,
             "consecutive_failures": self.consecutive_failures,
@@ -214,24 +212,16 @@ class CircuitBreaker:
         level = logging.WARNING if to_state is OPEN else logging.INFO
         logger.log(level, "circuit breaker for %s: %s -> %s (%s)", self.endpoint,
                    event.from_state.value, to_state.value, reason)  # fmt: skip
-        self._transitions.send_nowait(event)
+        self._moved.unpark_all()
         if self._on_transition is not None:
             self._on_transition(event)
 
     # -- the breaker's task ---------------------------------------------------------------
 
-    async def run(self, publish: Callable[[BreakerEvent], None]) -> None:
-        """Hand transitions on to ``publish``, and end each cooldown on time."""
+    async def run(self) -> None:
+        """The breaker's task: end each cooldown on time, even with no checkout to notice."""
         while True:
             with trio.move_on_at(self.open_until if self.state is OPEN else math.inf):
-                publish(await self._transitions_out.receive())
+                await self._moved.park()
                 continue
             self.cooldown_elapsed(trio.current_time())
-
-    def flush(self, publish: Callable[[BreakerEvent], None]) -> None:
-        """Hand on transitions still queued (the pool is closing and the task is gone)."""
-        while True:
-            try:
-                publish(self._transitions_out.receive_nowait())
-            except trio.WouldBlock:
-                return

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import statistics
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, final
 
@@ -15,6 +16,9 @@ from ._endpoint import Endpoint
 from ._latency import RotatingHistogram
 
 _channel_ids = itertools.count(1)
+
+#: How many of a channel's latest round trips `SecureChannel.recent_round_trip` looks at.
+RECENT_ROUND_TRIPS = 8
 
 
 @final
@@ -61,6 +65,7 @@ class SecureChannel(trio.abc.Stream):
         self.idle_since = self.opened_at
         self.handshake_seconds = handshake_seconds
         self.round_trips = RotatingHistogram(self.opened_at)
+        self._latest_round_trips: deque[float] = deque(maxlen=RECENT_ROUND_TRIPS)
         # When the first send since the last reply began (None: nothing awaits a reply).
         self._awaiting_reply_since: float | None = None
         self.errors: Counter[str] = Counter()
@@ -84,6 +89,14 @@ class SecureChannel(trio.abc.Stream):
     def ssl_stream(self) -> trio.SSLStream[Any]:
         """The `trio.SSLStream` underneath, for `~trio.SSLStream.getpeercert`, `cipher`, ..."""
         return self._stream
+
+    def recent_round_trip(self) -> float | None:
+        """The median of the last few round trips, in seconds (None before the first).
+
+        Exact, unlike the histograms' bucketed percentiles: ``max_latency_ms`` compares it
+        with its limit.
+        """
+        return statistics.median(self._latest_round_trips) if self._latest_round_trips else None
 
     @property
     def unanswered(self) -> bool:
@@ -134,7 +147,7 @@ class SecureChannel(trio.abc.Stream):
             # Cancelled or closed mid-write: a partial TLS record may be on the wire.
             self._spend("cancelled")
             raise
-        self.bytes_sent += len(data)
+        self.bytes_sent += len(data) if isinstance(data, bytes) else memoryview(data).nbytes
         if data and self._awaiting_reply_since is None:
             self._awaiting_reply_since = started
 
@@ -164,7 +177,9 @@ class SecureChannel(trio.abc.Stream):
         if data:
             self.bytes_received += len(data)
             if self._awaiting_reply_since is not None:
-                self.round_trips.observe(trio.current_time() - self._awaiting_reply_since)
+                elapsed = trio.current_time() - self._awaiting_reply_since
+                self.round_trips.observe(elapsed)
+                self._latest_round_trips.append(elapsed)
                 self._awaiting_reply_since = None
         else:
             self._spend("eof")  # the peer closed its side

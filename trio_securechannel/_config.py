@@ -51,8 +51,8 @@ class PoolConfig:
         breaker_half_open_trials: Trial checkouts let through once the cooldown is over.
         histogram_rotation_interval: Seconds each latency window covers; the cleanup pass
             starts a new one when it is due, keeping one previous window.
-        max_latency_ms: Channels whose recent median round trip is slower than this are
-            retired (reason ``"slow"``) by the cleanup pass. None: never.
+        max_latency_ms: Channels whose median round trip over their last 8 is slower than
+            this are retired (reason ``"slow"``) by the cleanup pass. None: never.
         metrics_port: Serve ``/metrics``, ``/status``, ``/healthz`` and ``/events`` on this
             port (0: any free one, see `SecureChannelPool.metrics_address`). None: no server.
         metrics_host: Address the metrics server listens on.

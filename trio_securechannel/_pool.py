@@ -6,6 +6,7 @@ import logging
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, final
 
@@ -20,7 +21,7 @@ from ._endpoint import Endpoint, Target
 from ._errors import CircuitOpen, ConnectError, PoolClosed, PoolExhausted
 from ._events import EventBus, EventStream
 from ._metrics import PoolCollector
-from ._server import serve_metrics
+from ._server import MetricsServer
 from ._slots import CLOSED, Grant, Slots
 from ._stats import PoolStats
 from ._tls import load_root_store
@@ -53,7 +54,7 @@ class SecureChannelPool:
             cooldown=config.breaker_cooldown,
             half_open_trials=config.breaker_half_open_trials,
             trial_timeout=config.connect_timeout,
-            on_transition=lambda _event: self._upkeep.notice_change(),
+            on_transition=self._breaker_moved,
         )
         self._breaker_events = EventBus[BreakerEvent]()
         self._upkeep = Upkeep(self)
@@ -363,15 +364,24 @@ class SecureChannelPool:
         await self._retire(channel, "error" if channel.errors else "aborted", graceful=False)
 
     async def _retire(self, channel: SecureChannel, reason: str, *, graceful: bool) -> None:
-        """Close a channel that has left the books. Never raises; bounded in time.
+        """Account for a channel that has left the books, then close it."""
+        self.account_for_departure(channel, reason)
+        await self.close_departed(channel, graceful=graceful)
 
-        Graceful: a TLS close_notify within ``shutdown_timeout``. Otherwise (the channel
-        may be mid-record, or its peer gone) the socket is closed at once.
-        """
+    def account_for_departure(self, channel: SecureChannel, reason: str) -> None:
+        """Fold a departed channel's figures into the pool's, in the same step that took
+        it off the books: totals must never dip while its close is still pending."""
         self._stats.channel_closed(channel, reason)
         self._released()
         self._events.publish({"type": "channel_closed", "channel": channel.id, "reason": reason})
         logger.debug("closing %r (%s)", channel, reason)
+
+    async def close_departed(self, channel: SecureChannel, *, graceful: bool) -> None:
+        """Close a channel already accounted for. Never raises; bounded in time.
+
+        Graceful: a TLS close_notify within ``shutdown_timeout``. Otherwise (the channel
+        may be mid-record, or its peer gone) the socket is closed at once.
+        """
         with trio.CancelScope(shield=True) as scope:
             if graceful:
                 scope.deadline = trio.current_time() + self.config.shutdown_timeout
@@ -382,9 +392,18 @@ class SecureChannelPool:
             except (trio.BrokenResourceError, OSError) as exc:
                 logger.debug("closing %r: %r", channel, exc)
 
-    def _publish_breaker_event(self, event: BreakerEvent) -> None:
+    async def _run_background(self, scope: trio.CancelScope) -> None:
+        """The pool's own tasks: spares, cleanup passes and the breaker's timer."""
+        with scope:
+            async with trio.open_nursery() as nursery:
+                self._upkeep.start(nursery)
+                nursery.start_soon(self._breaker.run)
+
+    def _breaker_moved(self, event: BreakerEvent) -> None:
+        """Told of each breaker transition as it happens, before anyone sees its cause."""
         self._breaker_events.publish(event)
         self._events.publish({"type": "breaker", **event.as_dict()})
+        self._upkeep.notice_change()
 
     def _released(self) -> None:
         """A channel or a slot left the books: whoever waits for that may go on."""
@@ -399,22 +418,20 @@ class SecureChannelPool:
         deadline = trio.current_time() + self.config.shutdown_timeout
         with trio.CancelScope(shield=True, deadline=deadline):
             idle = slots.close()
+            for channel in idle:
+                self.account_for_departure(channel, "shutdown")
             async with trio.open_nursery() as nursery:
                 for channel in idle:
-                    nursery.start_soon(self._close_idle_for_shutdown, channel)
+                    nursery.start_soon(partial(self.close_departed, channel, graceful=True))
             while slots.in_use or slots.opening:
                 await self._drained.park()
         # Out of time: close what is still lent out under its users' feet.
         for channel in list(slots.in_use):
             slots.forget(channel)
             await self._retire(channel, "shutdown", graceful=False)
-        # The breaker's task is gone: hand on what it did not, then end every stream.
-        self._breaker.flush(self._publish_breaker_event)
+        # Every figure is final: end the event streams (/events clients get a close frame).
         self._breaker_events.close()
         self._events.close()
-
-    async def _close_idle_for_shutdown(self, channel: SecureChannel) -> None:
-        await self._retire(channel, "shutdown", graceful=True)
 
 
 @final
@@ -487,19 +504,23 @@ async def _run_pool(endpoint: Endpoint, config: PoolConfig) -> AsyncIterator[Sec
         ssl_context = await trio.to_thread.run_sync(load_root_store)
     pool = SecureChannelPool(endpoint, config, ssl_context)
     body_error: BaseException | None = None
+    background = trio.CancelScope()
+    server = MetricsServer(pool)
     async with trio.open_nursery() as nursery:
-        pool._upkeep.start(nursery)
-        nursery.start_soon(pool._breaker.run, pool._publish_breaker_event)
-        if config.metrics_port is not None:
-            pool._metrics_address = await nursery.start(serve_metrics, pool)
         try:
+            nursery.start_soon(pool._run_background, background)
+            if config.metrics_port is not None:
+                pool._metrics_address = await server.start(nursery)
             yield pool
         except BaseException as exc:
-            # Re-raised below, outside the nursery, so it never comes out in an ExceptionGroup.
+            # Re-raised below, outside the nursery, so it never comes out in an ExceptionGroup
+            # (this includes a metrics port that cannot be bound).
             body_error = exc
         finally:
-            nursery.cancel_scope.cancel()
+            background.cancel()  # no new spares, passes or timers while closing
             await pool._shutdown()
+            await server.stop()  # after the shutdown, so /events clients saw it end
+            nursery.cancel_scope.cancel()
     if body_error is not None:
         raise body_error
 

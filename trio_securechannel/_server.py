@@ -19,8 +19,10 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import socket
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Final, final
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final, cast, final
 
 import trio
 from hypercorn.config import Config
@@ -30,7 +32,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from ._breaker import BreakerState
 
 if TYPE_CHECKING:
+    from hypercorn.typing import ASGIFramework
+
     from ._pool import SecureChannelPool
+
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -45,6 +50,8 @@ STATUS_EVERY: Final = 5.0
 #: its keep-alive timer runs out too.
 READ_TIMEOUT = 5.0
 KEEP_ALIVE_TIMEOUT = 5.0
+#: Seconds the server may take to finish open exchanges when the pool closes.
+GRACE: Final = 1.0
 #: Request headers beyond this many bytes get a 431 (hypercorn bounds what it buffers for
 #: a request still arriving; this bounds one that arrived whole).
 MAX_HEADER_BYTES: Final = 8 * 1024
@@ -73,13 +80,15 @@ class MetricsApp:
     def _authorized(self, scope: Scope) -> bool:
         if self._token is None:
             return True
-        offered = b""
+        matched = False
         for name, value in scope["headers"]:
-            if name == b"x-auth-token":
-                offered = value
-            elif name == b"authorization" and value[:7].lower() == b"bearer ":
-                offered = value[7:].strip()
-        return hmac.compare_digest(offered, self._token)
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                value = value[7:].strip()
+            elif name != b"x-auth-token":
+                continue
+            # Every credential offered is compared in full: no early exit to time.
+            matched |= hmac.compare_digest(value, self._token)
+        return matched
 
     async def _http(self, scope: Scope, send: Send) -> None:
         path = scope["path"]
@@ -143,15 +152,82 @@ class MetricsApp:
             next_status = trio.current_time() + STATUS_EVERY
 
 
-async def serve_metrics(
-    pool: SecureChannelPool,
-    *,
-    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Run the metrics server until cancelled; report the bound ``(host, port)`` once up."""
-    host, port = pool.config.metrics_host, pool.config.metrics_port
+@final
+class MetricsServer:
+    """Runs hypercorn for one pool: started before the pool is handed out, stopped after it
+    has shut down, gracefully, so ``/events`` clients see the stream end."""
+
+    def __init__(self, pool: SecureChannelPool) -> None:
+        self._pool = pool
+        self._stop = trio.Event()
+        self._stopped: trio.Event | None = None
+
+    async def start(self, nursery: trio.Nursery) -> tuple[str, int]:
+        """Serve in ``nursery``; return the bound ``(host, port)``.
+
+        Raises:
+            OSError: The address cannot be resolved or bound, naming it.
+        """
+        listener = await _bind(self._pool.config.metrics_host, self._pool.config.metrics_port)
+        self._stopped = trio.Event()
+        address: tuple[str, int] = await nursery.start(self._serve, listener)
+        return address
+
+    async def stop(self) -> None:
+        """Stop accepting, let open exchanges finish (briefly), and return."""
+        self._stop.set()
+        if self._stopped is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(GRACE):
+                await self._stopped.wait()
+
+    async def _serve(
+        self,
+        listener: socket.socket,
+        *,
+        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        assert self._stopped is not None
+        try:
+            async with trio.open_nursery() as nursery:
+                # The app speaks ASGI in plain dicts; hypercorn's typing wants its TypedDicts.
+                app = cast("ASGIFramework", MetricsApp(self._pool))
+                config = _config(f"fd://{listener.detach()}")  # hypercorn owns it from here
+                run = partial(serve, app, config, shutdown_trigger=self._stop.wait)
+                binds: list[str] = await nursery.start(run)
+                host, _, port = binds[0].removeprefix("http://").rpartition(":")
+                task_status.started((host.strip("[]"), int(port)))
+        finally:
+            self._stopped.set()
+
+
+async def _bind(host: str, port: int | None) -> socket.socket:
+    """Bind the server's socket ourselves: a clean, named error, and nothing left open."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        family, kind, proto, _, address = (
+            await trio.socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+        )[0]
+        listener = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise OSError(
+            exc.errno, f"metrics server cannot listen on {where}: {exc.strerror or exc}"
+        ) from exc
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+    except OSError as exc:
+        listener.close()
+        raise OSError(
+            exc.errno, f"metrics server cannot listen on {where}: {exc.strerror}"
+        ) from exc
+    return listener
+
+
+def _config(bind: str) -> Config:
     config = Config()
-    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.bind = [bind]
     config.accesslog = None  # request lines and headers stay out of the logs
     config.errorlog = logger
     config.include_server_header = False
@@ -160,11 +236,8 @@ async def serve_metrics(
     config.read_timeout = READ_TIMEOUT  # type: ignore[assignment]
     config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
     config.websocket_max_message_size = 4 * 1024  # /events only sends
-    config.graceful_timeout = 0
-    async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(serve, MetricsApp(pool), config)
-        bound_host, _, bound_port = binds[0].removeprefix("http://").rpartition(":")
-        task_status.started((bound_host.strip("[]"), int(bound_port)))
+    config.graceful_timeout = GRACE
+    return config
 
 
 async def _respond(

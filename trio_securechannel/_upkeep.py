@@ -136,17 +136,18 @@ class Upkeep:
             if now - channel.idle_since >= config.idle_timeout:
                 doomed.append((channel, "idle"))
                 surplus -= 1
-        for channel, _ in doomed:
+        for channel, reason in doomed:
             slots.evict_idle(channel)
+            pool.account_for_departure(channel, reason)
         async with trio.open_nursery() as nursery:
             for channel, reason in doomed:
                 # The relay is gone from a stale channel: no goodbye to wait for.
                 nursery.start_soon(
-                    partial(pool._retire, graceful=reason != "stale"), channel, reason
+                    partial(pool.close_departed, channel, graceful=reason != "stale")
                 )
 
 
 def _too_slow(channel: SecureChannel, max_latency_ms: float) -> bool:
-    """Whether the channel's recent median round trip is above the limit."""
-    median = channel.round_trips.recent().quantile(0.5)
-    return median is not None and median * 1000 > max_latency_ms
+    """Whether the median of the channel's last few round trips is above the limit."""
+    recent = channel.recent_round_trip()
+    return recent is not None and recent * 1000 > max_latency_ms
