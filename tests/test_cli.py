@@ -1,0 +1,125 @@
+"""The command line, run as a user runs it: a subprocess, its output and exit status."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from relay import Relay, closed_port
+
+ENV = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
+
+
+async def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(60):
+        return await trio.run_process(
+            [sys.executable, "-m", "trio_securechannel", *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=ENV,
+        )
+
+
+async def test_demo_runs_and_prints_the_summary() -> None:
+    done = await cli("demo", "--duration", "3", "--workers", "4")
+    out = done.stdout.decode()
+    assert done.returncode == 0, done.stderr.decode()
+    assert "Summary" in out
+    assert "round trips/s" in out
+    assert "metrics: http://127.0.0.1:" in out
+    assert 'curl -H "Authorization: Bearer ' in out
+    round_trips = next(line for line in out.splitlines() if "│ round trips  " in line)
+    assert int(round_trips.split("│")[2].strip().replace(",", "")) > 100
+    assert done.stderr == b""
+
+
+async def test_demo_with_the_relay_going_down_opens_the_breaker() -> None:
+    done = await cli("demo", "--duration", "6", "--fault", "down")
+    out = done.stdout.decode()
+    assert done.returncode == 0, done.stderr.decode()
+    opened = next(line for line in out.splitlines() if "breaker opened" in line)
+    assert int(opened.split("│")[2]) >= 1  # down at 3 s, for 4 s
+
+
+async def test_probe_prints_the_certificate_facts(relay: Relay, ca_file: Path) -> None:
+    done = await cli("probe", f"127.0.0.1:{relay.port}", "--cafile", str(ca_file), "--count", "3")
+    out = done.stdout.decode()
+    assert done.returncode == 0, done.stderr.decode()
+    for fact in ("TLSv1.3", "TLS_", "trustme", "expires", "127.0.0.1, localhost, relay.test"):
+        assert fact in out, fact
+    assert "round trip ms (3)" in out
+    report = json.loads(
+        (await cli("probe", f"127.0.0.1:{relay.port}", "--cafile", str(ca_file), "--json")).stdout
+    )
+    assert report["tls_version"] == "TLSv1.3"
+    assert report["round_trip_ms"]["count"] == 5
+    assert report["subject_alt_names"] == ["127.0.0.1", "localhost", "relay.test"]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (lambda relay: [f"127.0.0.1:{closed_port()}"], "Connection refused"),
+        (lambda relay: [f"127.0.0.1:{relay.port}"], "certificate verify failed"),  # system roots
+    ],
+    ids=["refused", "untrusted"],
+)
+async def test_probe_failures_are_one_line(relay: Relay, args: object, words: str) -> None:
+    done = await cli("probe", *args(relay))  # type: ignore[operator]
+    assert done.returncode == 1
+    assert done.stdout == b""
+    lines = done.stderr.decode().splitlines()
+    assert len(lines) == 1, lines  # no traceback
+    assert lines[0].startswith("error: ")
+    assert words in lines[0]
+
+
+async def test_probe_timeout_is_one_line(relay: Relay, ca_file: Path) -> None:
+    relay.mode = "silent"
+    done = await cli(
+        "probe", f"127.0.0.1:{relay.port}", "--cafile", str(ca_file), "--timeout", "0.5"
+    )
+    assert done.returncode == 1
+    assert done.stderr.decode().splitlines() == [
+        f"error: cannot open a secure channel to 127.0.0.1:{relay.port}:"
+        " no TLS session within connect_timeout=0.5s"
+    ]
+
+
+BAD_ARGUMENTS = [
+    [],
+    ["frobnicate"],
+    ["demo", "--duration", "-1"],
+    ["demo", "--fault", "meteor"],
+    ["probe"],
+    ["probe", "x:1", "--count", "zero"],
+]
+
+
+@pytest.mark.parametrize("args", BAD_ARGUMENTS)
+async def test_bad_arguments_are_usage_errors(args: list[str]) -> None:
+    done = await cli(*args)
+    assert done.returncode == 2
+    assert b"usage: trio-securechannel" in done.stderr
+
+
+async def test_every_subcommand_has_help_with_examples() -> None:
+    for command in ("demo", "probe", "bench"):
+        done = await cli(command, "--help")
+        assert done.returncode == 0
+        assert b"examples:" in done.stdout
+        assert b"trio-securechannel " + command.encode() in done.stdout
+
+
+async def test_the_library_imports_without_the_cli_extras() -> None:
+    extras = ("rich", "trustme", "trio_securechannel._cli")
+    code = f"import sys, trio_securechannel; print([m for m in {extras!r} if m in sys.modules])"
+    done = await trio.run_process([sys.executable, "-c", code], capture_stdout=True)
+    assert done.stdout.strip() == b"[]"

@@ -1,0 +1,45 @@
+"""The examples do what their docstrings say, against local stand-ins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(autouse=True)
+def _examples_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+
+
+async def test_electrum_client_calls_and_follows_new_blocks() -> None:
+    import electrum_client
+    from electrum_standin import TIP_HEIGHT
+
+    results = await electrum_client.main(server=None)
+    assert results["version"] == ["ElectrumX stand-in 1.16.0", "1.4"]
+    assert results["tip"]["height"] == TIP_HEIGHT
+    assert results["next"]["height"] == TIP_HEIGHT + 1  # pushed on the held channel
+    assert results["status"]["in_use"] == 0
+
+
+async def test_failover_follows_the_breaker_there_and_back() -> None:
+    import breaker_failover
+
+    log = await breaker_failover.main()
+    transitions = [line for line in log if line.startswith("primary breaker:")]
+    assert transitions[0].startswith("primary breaker: closed -> open")
+    assert transitions[-1] == "primary breaker: half_open -> closed (trial succeeded)"
+    served = log[-1]
+    assert served.startswith("served by: primary x")
+    assert ", backup x" in served  # traffic moved while the primary was down...
+    assert served.rsplit(", ", 1)[-1].startswith("primary x")  # ...and came back
+
+
+def test_prometheus_config_uses_bearer_credentials() -> None:
+    text = (EXAMPLES / "prometheus.yml").read_text()
+    assert "type: Bearer" in text
+    assert "credentials_file:" in text
+    assert "metrics_path: /metrics" in text

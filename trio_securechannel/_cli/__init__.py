@@ -1,0 +1,135 @@
+"""The ``trio-securechannel`` command: ``demo``, ``probe`` and ``bench``.
+
+Kept out of the library's import path: ``import trio_securechannel`` never loads this
+package, and its extras (rich for the terminal, trustme for the demo's throwaway CA) are
+only needed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+DESCRIPTION = "A Trio pool of TLS channels to relays: see it work, check a relay, measure it."
+
+_DEMO_EXAMPLES = """\
+examples:
+  trio-securechannel demo                      # 10 s of traffic through a local relay
+  trio-securechannel demo --fault down         # watch the breaker open, half-open, close
+  trio-securechannel demo --fault slow --workers 16 --duration 20
+"""
+_PROBE_EXAMPLES = """\
+examples:
+  trio-securechannel probe electrum.blockstream.info:50002
+  trio-securechannel probe relay.example.com:443 --cafile company-ca.pem --count 20
+  trio-securechannel probe [2001:db8::7]:50002 --send '{"id": 1, "method": "server.ping"}' --json
+  trio-securechannel probe wss://relay.example.com/ws
+"""
+_BENCH_EXAMPLES = """\
+examples:
+  trio-securechannel bench --quick             # a smoke run, under a minute
+  trio-securechannel bench --json results.json
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trio-securechannel", description=DESCRIPTION)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    formatter = argparse.RawDescriptionHelpFormatter
+
+    demo = commands.add_parser(
+        "demo",
+        help="traffic through a pool to an embedded local TLS relay, with live figures",
+        description="Start a TLS echo relay on 127.0.0.1 (throwaway CA), open a pool against "
+        "it with its metrics server, drive traffic and show what the pool sees.",
+        epilog=_DEMO_EXAMPLES,
+        formatter_class=formatter,
+    )
+    demo.add_argument("--duration", type=_positive_float, default=10.0, help="seconds (10)")
+    demo.add_argument("--workers", type=_positive_int, default=8, help="concurrent tasks (8)")
+    demo.add_argument(
+        "--fault",
+        choices=["none", "flaky", "down", "slow"],
+        default="none",
+        help="make the relay misbehave: reset some requests (flaky), go down and come back "
+        "(down), answer slowly on some connections (slow)",
+    )
+
+    probe = commands.add_parser(
+        "probe",
+        help="connect to a real relay and report its TLS facts and latency",
+        description="Connect to HOST:PORT (or a wss:// URL) with verified TLS, print the "
+        "TLS version, cipher, certificate and latencies; exit non-zero with one line on "
+        "failure.",
+        epilog=_PROBE_EXAMPLES,
+        formatter_class=formatter,
+    )
+    probe.add_argument("target", help="HOST:PORT, [V6ADDR]:PORT or wss://HOST[:PORT]/PATH")
+    probe.add_argument("--cafile", help="trust this PEM bundle instead of the system roots")
+    probe.add_argument("--count", type=_positive_int, default=5, help="round trips (5)")
+    probe.add_argument(
+        "--send",
+        default='{"jsonrpc": "2.0", "method": "server.ping", "id": 0}',
+        help="what to send each round trip, a line (default: an Electrum server.ping)",
+    )
+    probe.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds (10)")
+    probe.add_argument("--json", action="store_true", help="machine-readable output")
+
+    bench = commands.add_parser(
+        "bench",
+        help="run the benchmark suite (from a source checkout) and print its table",
+        epilog=_BENCH_EXAMPLES,
+        formatter_class=formatter,
+    )
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the benchmarks")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from ._demo import demo
+
+            return demo(args.duration, args.workers, args.fault)
+        if args.command == "probe":
+            from ._probe import probe
+
+            return probe(args)
+        from ._bench import bench
+
+        return bench(args.args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except ImportError as exc:
+        print(f"error: {exc.name or exc} is missing: pip install 'trio-securechannel[cli]'",
+              file=sys.stderr)  # fmt: skip
+        return 1
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value

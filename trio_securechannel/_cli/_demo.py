@@ -1,0 +1,175 @@
+"""``trio-securechannel demo``: traffic through a pool to the embedded relay, live."""
+
+from __future__ import annotations
+
+import math
+import secrets
+import signal
+from collections import deque
+from typing import Any
+
+import trio
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+import trio_securechannel as sc
+
+from ._demo_relay import DemoRelay, Fault
+
+PAYLOAD = b'{"jsonrpc": "2.0", "method": "blockchain.transaction.broadcast", "params": ["02..."]}\n'
+
+
+class Traffic:
+    """What the workers did, as they saw it."""
+
+    def __init__(self) -> None:
+        self.round_trips = 0
+        self.failures: dict[str, int] = {}
+        self.recent: deque[tuple[float, int]] = deque(maxlen=8)  # (time, round trips)
+        self.latencies: deque[float] = deque(maxlen=200_000)  # seconds, the latest ones
+        self.stop = trio.Event()
+
+    def failed(self, exc: BaseException) -> None:
+        name = type(exc).__name__
+        self.failures[name] = self.failures.get(name, 0) + 1
+
+    def percentiles(self) -> str:
+        ordered = sorted(self.latencies)
+        if not ordered:
+            return "-"
+        picks = (ordered[min(len(ordered) - 1, int(q * len(ordered)))] for q in (0.5, 0.9, 0.99))
+        return " / ".join(f"{value * 1000:.2f} ms" for value in picks)
+
+    def rate(self) -> float:
+        if len(self.recent) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self.recent[0], self.recent[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+async def worker(pool: sc.SecureChannelPool, traffic: Traffic) -> None:
+    while not traffic.stop.is_set():  # stop between round trips: channels go back whole
+        began = trio.current_time()
+        try:
+            async with pool.connection() as channel:
+                await channel.send_all(PAYLOAD)
+                reply = b""
+                while len(reply) < len(PAYLOAD):
+                    chunk = await channel.receive_some()
+                    if not chunk:
+                        raise trio.BrokenResourceError("the relay closed the channel")
+                    reply += chunk
+            traffic.round_trips += 1
+            traffic.latencies.append(trio.current_time() - began)
+        except sc.CircuitOpen as exc:
+            traffic.failed(exc)
+            await trio.sleep(min(exc.retry_after, 0.25))  # what a polite client does
+        except (sc.SecureChannelError, trio.BrokenResourceError) as exc:
+            traffic.failed(exc)
+            await trio.sleep(0.05)
+
+
+def live_table(pool: sc.SecureChannelPool, traffic: Traffic, elapsed: float) -> Table:
+    status = pool.status()
+    connections, latency = status["connections"], status["latency"]["round_trip"]
+    table = Table(title=f"trio-securechannel demo: {elapsed:5.1f} s", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("round trips", f"{traffic.round_trips:,}  ({traffic.rate():,.0f}/s)")
+    table.add_row("latency p50 / p99", f"{_ms(latency['p50_ms'])} / {_ms(latency['p99_ms'])}")
+    table.add_row(
+        "channels idle / in use / max",
+        f"{connections['idle']} / {connections['in_use']} / {connections['max']}",
+    )
+    table.add_row("breaker", status["breaker"]["state"])
+    table.add_row("errors (counted once)", str(status["errors_total"]))
+    table.add_row("retired slow", str(connections["closed_by_reason"].get("slow", 0)))
+    return table
+
+
+def summary_table(status: dict[str, Any], traffic: Traffic, elapsed: float) -> Table:
+    table = Table(title="Summary")
+    table.add_column("figure", style="bold")
+    table.add_column("value", justify="right")
+    table.add_row("duration", f"{elapsed:.1f} s")
+    table.add_row("round trips", f"{traffic.round_trips:,}")
+    table.add_row("round trips/s", f"{traffic.round_trips / max(elapsed, 1e-9):,.0f}")
+    table.add_row("checkout + round trip p50 / p90 / p99", traffic.percentiles())
+    table.add_row("channels opened", str(status["connections"]["opened_total"]))
+    closed = status["connections"]["closed_by_reason"]
+    table.add_row(
+        "channels closed", ", ".join(f"{k} {v}" for k, v in sorted(closed.items())) or "0"
+    )
+    errors = status["errors_by_kind"]
+    table.add_row("errors by kind", ", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "0")
+    table.add_row("breaker opened", str(status["breaker"]["opened_total"]))
+    table.add_row("breaker rejected", str(status["breaker"]["rejected_total"]))
+    table.add_row("pool exhausted", str(status["pool_exhausted_total"]))
+    failures = ", ".join(f"{k} {v}" for k, v in sorted(traffic.failures.items()))
+    table.add_row("failures seen by workers", failures or "none")
+    return table
+
+
+async def run_demo(duration: float, workers: int, fault: Fault, console: Console) -> None:
+    relay = DemoRelay(fault)
+    token = secrets.token_urlsafe(16)
+    traffic = Traffic()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.serve)
+        options: dict[str, Any] = {
+            "ssl_context": relay.client_context(),
+            "max_connections": max(2, workers // 2),
+            "min_idle": 2,
+            "acquire_timeout": 2.0,
+            "cleanup_interval": 1.0,
+            "breaker_failure_threshold": 3,
+            "breaker_cooldown": 2.0,
+            "max_latency_ms": 50.0 if fault == "slow" else None,
+            "metrics_port": 0,
+            "metrics_auth_token": token,
+            "namespace": "demo",
+        }
+        async with sc.open_pool(("127.0.0.1", relay.port), **options) as pool:
+            assert pool.metrics_address is not None
+            host, port = pool.metrics_address
+            console.print(f"relay:   tls://127.0.0.1:{relay.port} (throwaway CA), fault: {fault}")
+            console.print(f"metrics: http://{host}:{port}/metrics  /status  /healthz  /events")
+            console.print(f"token:   {token}")
+            console.print(f'try:     curl -H "Authorization: Bearer {token}" '
+                          f"http://{host}:{port}/status", soft_wrap=True)  # fmt: skip
+            began = trio.current_time()
+            nursery.start_soon(_stop_on_ctrl_c, traffic.stop)
+            async with trio.open_nursery() as traffic_nursery:
+                for _ in range(workers):
+                    traffic_nursery.start_soon(worker, pool, traffic)
+                with Live(console=console, refresh_per_second=4, transient=True) as live:
+                    with trio.move_on_after(duration):
+                        while not traffic.stop.is_set():
+                            now = trio.current_time()
+                            traffic.recent.append((now, traffic.round_trips))
+                            live.update(live_table(pool, traffic, now - began))
+                            await trio.sleep(0.25)
+                    traffic.stop.set()
+            elapsed = trio.current_time() - began
+            status = pool.status()
+        nursery.cancel_scope.cancel()
+    if not math.isclose(elapsed, duration, rel_tol=0.05):
+        console.print(f"stopped early, after {elapsed:.1f} s")
+    console.print(summary_table(status, traffic, elapsed))
+
+
+async def _stop_on_ctrl_c(stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGINT) as signals:
+        async for _ in signals:
+            stop.set()  # Ctrl-C: stop the traffic, still print the summary
+            return
+
+
+def demo(duration: float, workers: int, fault: Fault) -> int:
+    trio.run(run_demo, duration, workers, fault, Console())
+    return 0
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} ms"
