@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import select
 import statistics
 import warnings
 from collections import Counter, deque
@@ -55,6 +56,7 @@ class SecureChannel(trio.abc.Stream):
     ) -> None:
         self._closed = False  # first, so __del__ works whatever happens next
         self._stream = ssl_stream
+
         self._on_error = on_error  # told of each failure as it happens (the pool's breaker)
         #: Why this channel may not be lent again ("error", "cancelled", "eof", "closed",
         #: "unexpected data"), or None while it may.
@@ -68,6 +70,15 @@ class SecureChannel(trio.abc.Stream):
         self._latest_round_trips: deque[float] = deque(maxlen=RECENT_ROUND_TRIPS)
         # When the first send since the last reply began (None: nothing awaits a reply).
         self._awaiting_reply_since: float | None = None
+        # One poll object for the channel's life: the liveness probe at every checkout is
+        # then a single poll() call, with nothing to allocate or register.
+        self._poller: select.poll | None = None
+        transport = ssl_stream.transport_stream
+        if isinstance(transport, trio.SocketStream) and hasattr(select, "poll"):
+            fileno = transport.socket.fileno()
+            if fileno >= 0:
+                self._poller = select.poll()
+                self._poller.register(fileno, select.POLLIN)
         self.errors: Counter[str] = Counter()
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -135,7 +146,8 @@ class SecureChannel(trio.abc.Stream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt and send all of ``data``. See `trio.abc.SendStream.send_all`."""
-        started = trio.current_time()
+        # A round trip runs from the first send after a reply: read the clock only then.
+        started = trio.current_time() if self._awaiting_reply_since is None else 0.0
         try:
             await self._stream.send_all(data)
         except trio.BusyResourceError:
@@ -203,13 +215,15 @@ class SecureChannel(trio.abc.Stream):
         Costs one ``poll()`` on the socket: cheap enough for every checkout. Streams not
         backed by a socket (custom transports) report only what TLS has buffered.
         """
+        if self._closed:
+            return True  # nothing to read, and certainly not fit to lend
         if self._stream.pending():
             return True
+        if self._poller is not None:
+            return bool(self._poller.poll(0))
         transport = self._stream.transport_stream
-        if isinstance(transport, trio.SocketStream):
-            if transport.socket.fileno() == -1:
-                return True  # closed under us: certainly not fit to lend
-            return transport.socket.is_readable()
+        if isinstance(transport, trio.SocketStream):  # no poll() here (Windows): select()
+            return transport.socket.fileno() == -1 or transport.socket.is_readable()
         return False
 
     async def absorb_handshake_tail(self) -> None:

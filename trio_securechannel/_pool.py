@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -170,24 +171,45 @@ class SecureChannelPool:
 
     # -- checkout -------------------------------------------------------------------------
 
+    def _take_warm_channel(self) -> SecureChannel | None:
+        """The fast path, synchronous: the warmest idle channel if it is fit, else None.
+
+        None sends the checkout down the general path (`_checkout`), which handles an
+        open breaker, unfit channels, opening and waiting.
+        """
+        slots = self._slots
+        if not slots.idle or slots.waiters or slots.closed:
+            return None
+        if self._breaker.state is not BreakerState.CLOSED:
+            return None
+        if self._unfit_reason(slots.idle[-1]) is not None:
+            return None
+        channel = slots.idle.pop()
+        slots.in_use.add(channel)
+        self._stats.acquire_waits.observe_zero()
+        self._upkeep.notice_change()
+        return channel
+
     async def _checkout(self) -> SecureChannel:
-        await trio.lowlevel.checkpoint()
+        """The general path; the caller has already checked for cancellation."""
         if self._slots.closed:
             raise PoolClosed(str(self.endpoint))
-        trial = self._breaker.admit(trio.current_time())  # CircuitOpen: no socket touched
-        if trial is not None:
-            return await self._checkout_trial(trial)
+        if self._breaker.state is not BreakerState.CLOSED:
+            trial = self._breaker.admit(trio.current_time())  # CircuitOpen: no socket touched
+            if trial is not None:
+                return await self._checkout_trial(trial)
         grant = self._slots.try_take()
         if grant is None:
             began = trio.current_time()
             grant = await self._wait_turn()
             self._stats.acquire_waits.observe(trio.current_time() - began)
         else:
-            self._stats.acquire_waits.observe(0.0)
+            self._stats.acquire_waits.observe_zero()
         self._upkeep.notice_change()
         while isinstance(grant, SecureChannel):
             unfit = self._unfit_reason(grant)
             if unfit is None:
+                await trio.lowlevel.cancel_shielded_checkpoint()  # yield at least once
                 return grant
             dead, grant = grant, self._slots.swap_dead(grant)
             await self._retire(dead, unfit, graceful=False)
@@ -229,22 +251,27 @@ class SecureChannelPool:
         return reserved
 
     async def _wait_turn(self) -> SecureChannel | Grant:
-        """Wait in line for a channel or a slot, for up to ``acquire_timeout``."""
+        """Wait in line for a channel or a slot, for up to ``acquire_timeout``.
+
+        The waiter parks its task directly (no event, and no cancel scope when the wait
+        is unbounded): granting reschedules it with the grant, which it then owns.
+        """
         timeout = self.config.acquire_timeout
         if timeout > 0:
-            waiter = self._slots.enqueue()
-            try:
-                with trio.move_on_after(timeout):
-                    await waiter.event.wait()
-            except BaseException:
-                orphan = self._slots.withdraw(waiter)  # a grant passes on to the next
-                self._released()
-                if orphan is not None:
-                    await self._retire(orphan, "shutdown", graceful=False)
-                raise
-            if waiter.grant is not None:
-                return waiter.grant  # granted, even if it came with the deadline
-            self._slots.withdraw(waiter)
+            slots = self._slots
+            waiter = slots.enqueue(trio.lowlevel.current_task())
+
+            def abort(_: Any) -> trio.lowlevel.Abort:
+                # Only called while nothing was granted: a grant reschedules the task first.
+                slots.leave_line(waiter)
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            if timeout == math.inf:
+                grant: SecureChannel | Grant = await trio.lowlevel.wait_task_rescheduled(abort)
+                return grant
+            with trio.move_on_after(timeout):
+                grant = await trio.lowlevel.wait_task_rescheduled(abort)
+                return grant
         self._stats.exhausted_total += 1
         raise PoolExhausted(str(self.endpoint), self.config.max_connections, timeout)
 
@@ -332,8 +359,9 @@ class SecureChannelPool:
 
     def _give_back(self, channel: SecureChannel) -> str | None:
         """The lease ended normally: keep the channel, or say why it must be closed."""
-        if not channel.errors:
-            self._breaker.succeeded(trio.current_time())
+        now = trio.current_time()
+        if self._breaker.consecutive_failures and not channel.errors:
+            self._breaker.succeeded(now)  # (a success changes nothing when none failed)
         slots = self._slots
         if channel not in slots.in_use:
             return None  # already force-closed by a shutdown that ran out of time
@@ -344,10 +372,10 @@ class SecureChannelPool:
             reason = channel.spent
         elif channel.unanswered:
             reason = "unanswered"
-        elif max_lifetime is not None and trio.current_time() - channel.opened_at >= max_lifetime:
+        elif max_lifetime is not None and now - channel.opened_at >= max_lifetime:
             reason = "lifetime"
         else:
-            channel.idle_since = trio.current_time()
+            channel.idle_since = now
             slots.give_back(channel)
             return None
         slots.forget(channel)
@@ -447,8 +475,16 @@ class _Lease:
     async def __aenter__(self) -> SecureChannel:
         if self._channel is not None:
             raise RuntimeError("a pool.connection() lease cannot be entered twice")
-        self._channel = await self._pool._checkout()
-        return self._channel
+        # As trio.Semaphore.acquire does: a cancellation point first, then either the
+        # synchronous fast path and a shielded yield, or the general path's own waits.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        channel = self._pool._take_warm_channel()
+        if channel is None:
+            channel = await self._pool._checkout()
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        self._channel = channel
+        return channel
 
     async def __aexit__(
         self,

@@ -14,6 +14,7 @@ import enum
 from collections import deque
 from typing import Final, final
 
+import outcome
 import trio
 
 from ._channel import SecureChannel
@@ -32,13 +33,15 @@ CLOSED: Final = Grant.CLOSED
 
 @final
 class Waiter:
-    """A task waiting in line for a channel or a slot."""
+    """A task parked in line for a channel or a slot; granting one reschedules it."""
 
-    __slots__ = ("event", "grant")
+    __slots__ = ("task",)
 
-    def __init__(self) -> None:
-        self.event = trio.Event()
-        self.grant: SecureChannel | Grant | None = None
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+
+    def grant(self, grant: SecureChannel | Grant) -> None:
+        trio.lowlevel.reschedule(self.task, outcome.Value(grant))
 
 
 @final
@@ -102,27 +105,14 @@ class Slots:
         self.opening += 1
         return True, evicted
 
-    def enqueue(self) -> Waiter:
-        waiter = Waiter()
+    def enqueue(self, task: trio.lowlevel.Task) -> Waiter:
+        waiter = Waiter(task)
         self.waiters.append(waiter)
         return waiter
 
-    def withdraw(self, waiter: Waiter) -> SecureChannel | None:
-        """Take a waiter out of line; whatever it was granted passes on to the next.
-
-        Returns a channel the caller must close: one granted before the pool closed.
-        """
-        grant, waiter.grant = waiter.grant, None
-        if grant is None:
-            self.waiters.remove(waiter)
-        elif grant is OPEN:
-            self.open_failed()
-        elif isinstance(grant, SecureChannel):
-            if self.closed:
-                self.in_use.remove(grant)
-                return grant
-            self.give_back(grant)
-        return None
+    def leave_line(self, waiter: Waiter) -> None:
+        """A waiter gave up (cancelled, timed out) before anything was granted to it."""
+        self.waiters.remove(waiter)
 
     def opened(self, channel: SecureChannel) -> None:
         """A slot being opened became ``channel``, held by whoever opened it."""
@@ -140,9 +130,7 @@ class Slots:
         Only while the pool is open; after `close` held channels are forgotten and closed.
         """
         if self.waiters:
-            waiter = self.waiters.popleft()
-            waiter.grant = channel
-            waiter.event.set()
+            self.waiters.popleft().grant(channel)
         else:
             self.in_use.remove(channel)
             self.idle.append(channel)
@@ -178,16 +166,12 @@ class Slots:
         """Stop lending: wake every waiter with CLOSED and hand back the idle channels."""
         self.closed = True
         while self.waiters:
-            waiter = self.waiters.popleft()
-            waiter.grant = CLOSED
-            waiter.event.set()
+            self.waiters.popleft().grant(CLOSED)
         idle = list(self.idle)
         self.idle.clear()
         return idle
 
     def _pass_on_free_slot(self) -> None:
         if self.waiters and not self.closed:
-            waiter = self.waiters.popleft()
             self.opening += 1
-            waiter.grant = OPEN
-            waiter.event.set()
+            self.waiters.popleft().grant(OPEN)

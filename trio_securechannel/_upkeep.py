@@ -46,7 +46,7 @@ class Upkeep:
 
     def notice_change(self) -> None:
         """The books changed: wake the spare keeper if it has something to do."""
-        if self._wakeup and self.spares_missing() > 0:
+        if self._pool.config.min_idle and self._wakeup and self.spares_missing() > 0:
             self._wakeup.unpark_all()
 
     async def _keep_spares(self) -> None:
