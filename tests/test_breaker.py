@@ -7,6 +7,7 @@ First the state machine alone, with explicit times; then through the pool on the
 from __future__ import annotations
 
 import itertools
+import math
 import ssl
 from typing import Any
 
@@ -593,3 +594,43 @@ async def test_a_spare_planned_before_the_opening_does_not_connect(
             assert pool.breaker_state is OPEN
     assert len(connects) >= 40
     assert all(state is CLOSED for _, state in connects), connects
+
+
+async def test_a_waiter_handed_a_channel_after_the_opening_gets_circuit_open(
+    autojump_clock: trio.testing.MockClock,
+    memory_relay: MemoryRelay,
+    client_context: ssl.SSLContext,
+) -> None:
+    # The breaker opens (a failure elsewhere) while W waits in line behind A, who holds the
+    # only channel; when A gives it back, W must not get traffic through it.
+    options = {
+        "max_connections": 1,
+        "acquire_timeout": math.inf,
+        "breaker_failure_threshold": 1,
+        "breaker_cooldown": 30.0,
+    }
+    async with memory_pool(memory_relay, client_context, **options) as pool:
+        outcome: list[str] = []
+
+        async def wait_in_line() -> None:
+            try:
+                async with pool.connection() as channel:
+                    await channel.send_all(b"through an open breaker")
+                    outcome.append("sent")
+            except sc.CircuitOpen:
+                outcome.append("circuit open")
+
+        async with trio.open_nursery() as nursery, pool.connection() as held:
+            assert await echo(held, b"held") == b"held"
+            nursery.start_soon(wait_in_line)
+            await trio.testing.wait_all_tasks_blocked()
+            assert books(pool)["waiting"] == 1
+            pool._breaker.failed(trio.current_time(), "another channel broke")
+        assert outcome == ["circuit open"]
+        assert memory_relay.echoed_bytes == 4  # only A's "held" ever reached the relay
+        assert books(pool)["idle"] == 1  # the channel went back, nothing leaked
+        await trio.sleep(30.0)
+        async with pool.connection() as trial:  # after the cooldown: a fresh channel
+            assert trial is not held
+            assert await echo(trial, b"ok") == b"ok"
+        assert pool.breaker_state is CLOSED

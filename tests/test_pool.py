@@ -537,3 +537,52 @@ async def test_no_socket_left_open(relay: Relay, client_context: ssl.SSLContext)
 async def _one_round_trip(pool: sc.SecureChannelPool) -> None:
     async with pool.connection() as channel:
         assert await echo(channel, b"x") == b"x"
+
+
+async def test_full_duplex_use_measures_sane_round_trips(
+    relay: Relay, client_context: ssl.SSLContext
+) -> None:
+    # One task sends while another receives, as trio.abc.Stream allows (pipelining).
+    options: dict[str, Any] = {"ssl_context": client_context, "max_latency_ms": 1000}
+    async with sc.open_pool(relay.target, **options) as pool:
+        async with pool.connection() as channel:
+            payload = b"x" * 1000
+
+            async def send_all_of_it() -> None:
+                for _ in range(200):
+                    await channel.send_all(payload)
+
+            async def receive_all_of_it() -> None:
+                received = 0
+                while received < 200 * len(payload):
+                    received += len(await channel.receive_some())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_all_of_it)
+                nursery.start_soon(receive_all_of_it)
+        recent = channel.recent_round_trip()
+        assert recent is not None
+        assert recent < 1.0
+        slowest = channel.round_trips.recent().quantile(1.0)
+        assert slowest is not None
+        assert slowest < 5.0
+        await pool._upkeep.clean()
+        assert not channel.closed  # not mistaken for a slow channel
+
+
+async def test_channel_whose_socket_was_closed_under_it_is_not_lent(
+    relay: Relay, client_context: ssl.SSLContext
+) -> None:
+    async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
+        async with pool.connection() as first:
+            assert await echo(first, b"one") == b"one"
+            await first.ssl_stream.transport_stream.aclose()  # behind the channel's back
+        reuse = socket.socketpair()  # likely takes over the freed file descriptor
+        try:
+            async with pool.connection() as second:
+                assert second is not first
+                assert await echo(second, b"two") == b"two"
+        finally:
+            for sock in reuse:
+                sock.close()
+        assert books(pool)["closed_by_reason"] == {"stale": 1}

@@ -73,12 +73,14 @@ class SecureChannel(trio.abc.Stream):
         # One poll object for the channel's life: the liveness probe at every checkout is
         # then a single poll() call, with nothing to allocate or register.
         self._poller: select.poll | None = None
+        self._polled_fd = -1
         transport = ssl_stream.transport_stream
         if isinstance(transport, trio.SocketStream) and hasattr(select, "poll"):
-            fileno = transport.socket.fileno()
-            if fileno >= 0:
+            self._socket = transport.socket
+            self._polled_fd = self._socket.fileno()
+            if self._polled_fd >= 0:
                 self._poller = select.poll()
-                self._poller.register(fileno, select.POLLIN)
+                self._poller.register(self._polled_fd, select.POLLIN)
         self.errors: Counter[str] = Counter()
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -146,8 +148,7 @@ class SecureChannel(trio.abc.Stream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt and send all of ``data``. See `trio.abc.SendStream.send_all`."""
-        # A round trip runs from the first send after a reply: read the clock only then.
-        started = trio.current_time() if self._awaiting_reply_since is None else 0.0
+        started = trio.current_time()
         try:
             await self._stream.send_all(data)
         except trio.BusyResourceError:
@@ -220,6 +221,8 @@ class SecureChannel(trio.abc.Stream):
         if self._stream.pending():
             return True
         if self._poller is not None:
+            if self._socket.fileno() != self._polled_fd:
+                return True  # closed under us (the fd may already serve another socket)
             return bool(self._poller.poll(0))
         transport = self._stream.transport_stream
         if isinstance(transport, trio.SocketStream):  # no poll() here (Windows): select()

@@ -206,6 +206,10 @@ class SecureChannelPool:
         else:
             self._stats.acquire_waits.observe_zero()
         self._upkeep.notice_change()
+        if isinstance(grant, SecureChannel) and self._breaker.state is not BreakerState.CLOSED:
+            # It opened while this checkout waited in line: this checkout started before
+            # the opening, but it still gets no traffic through without the breaker's leave.
+            return await self._checkout_after_opening(grant)
         while isinstance(grant, SecureChannel):
             unfit = self._unfit_reason(grant)
             if unfit is None:
@@ -226,6 +230,22 @@ class SecureChannelPool:
                 self._slots.open_failed()
                 self._released()
                 raise
+        return await self.open_in_reserved_slot(trial=trial)
+
+    async def _checkout_after_opening(self, channel: SecureChannel) -> SecureChannel:
+        """A waiter was handed ``channel`` but the breaker is no longer closed."""
+        try:
+            trial = self._breaker.admit(trio.current_time())
+        except CircuitOpen:
+            if self._slots.closed:
+                self._slots.forget(channel)
+                await self._retire(channel, "shutdown", graceful=True)
+            else:
+                self._slots.give_back(channel)  # to the next in line, or idle
+            raise
+        assert trial is not None  # not CLOSED: admit gives a trial or refuses
+        self._slots.trade_for_slot(channel)  # a trial runs on a fresh channel
+        await self._retire(channel, "trial", graceful=True)
         return await self.open_in_reserved_slot(trial=trial)
 
     async def _checkout_trial(self, trial: Trial) -> SecureChannel:
