@@ -158,3 +158,21 @@ def test_bad_token_is_refused_without_being_echoed(token: str) -> None:
     assert "s3cret" not in str(info.value)
     config = PoolConfig(metrics_auth_token="real-s3cret")
     assert "s3cret" not in repr(config)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        sc.PoolExhausted("relay:443", 10, 2.0),
+        sc.ConnectError("relay:443", "tls", "certificate verify failed"),
+        sc.PoolClosed("relay:443"),
+        sc.CircuitOpen("relay:443", 12.5),
+    ],
+)
+def test_errors_survive_pickling(error: sc.SecureChannelError) -> None:
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error)
+    assert str(copy) == str(error)
+    assert copy.__dict__ == error.__dict__

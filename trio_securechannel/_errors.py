@@ -6,11 +6,20 @@ I/O errors on a channel already handed out are trio's own (`trio.BrokenResourceE
 
 from __future__ import annotations
 
-from typing import final
+from typing import Any, final
 
 
 class SecureChannelError(Exception):
     """Base class of every error trio_securechannel raises on its own account."""
+
+    _args: tuple[object, ...] = ()
+
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        # Rebuild from the constructor's arguments, not the message: these errors cross
+        # process boundaries (multiprocessing, logging handlers) intact.
+        if not self._args:
+            return super().__reduce__()
+        return (type(self), self._args, self.__dict__)
 
 
 @final
@@ -22,6 +31,7 @@ class PoolExhausted(SecureChannelError):
     """
 
     def __init__(self, endpoint: str, max_connections: int, waited: float) -> None:
+        self._args = (endpoint, max_connections, waited)
         self.endpoint = endpoint
         self.max_connections = max_connections
         self.waited = waited
@@ -47,6 +57,7 @@ class ConnectError(SecureChannelError):
     """
 
     def __init__(self, endpoint: str, phase: str, reason: str) -> None:
+        self._args = (endpoint, phase, reason)
         self.endpoint = endpoint
         self.phase = phase
         self.reason = reason
@@ -58,6 +69,7 @@ class PoolClosed(SecureChannelError):
     """The pool is shutting down or has shut down; it hands out no more channels."""
 
     def __init__(self, endpoint: str) -> None:
+        self._args = (endpoint,)
         self.endpoint = endpoint
         super().__init__(f"the pool for {endpoint} is closed; open a new one with open_pool()")
 
@@ -71,6 +83,7 @@ class CircuitOpen(SecureChannelError):
     """
 
     def __init__(self, endpoint: str, retry_after: float) -> None:
+        self._args = (endpoint, retry_after)
         self.endpoint = endpoint
         self.retry_after = retry_after
         super().__init__(
