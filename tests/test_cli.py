@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from trio_websocket import ConnectionClosed
 
 from relay import Relay, closed_port
 
@@ -123,3 +125,24 @@ async def test_the_library_imports_without_the_cli_extras() -> None:
     code = f"import sys, trio_securechannel; print([m for m in {extras!r} if m in sys.modules])"
     done = await trio.run_process([sys.executable, "-c", code], capture_stdout=True)
     assert done.stdout.strip() == b"[]"
+
+
+async def test_probe_a_websocket_relay(nursery: trio.Nursery, ca_file: Path) -> None:
+    from trio_websocket import WebSocketRequest, serve_websocket
+
+    from conftest import make_server_context
+
+    async def handler(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await ws.get_message()  # pings are answered by trio-websocket itself
+
+    server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, make_server_context())
+    port = server.port
+    done = await cli("probe", f"wss://127.0.0.1:{port}/ws", "--cafile", str(ca_file), "--json")
+    assert done.returncode == 0, done.stderr.decode()
+    report = json.loads(done.stdout)
+    assert report["websocket"] == "/ws"
+    assert report["round_trip_ms"]["count"] == 5  # WebSocket pings answered with pongs
+    assert report["tls_version"] == "TLSv1.3"
