@@ -38,13 +38,16 @@ REQUIRED = {
 def samples(
     text: bytes, namespace: str = "securechannel"
 ) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample as {(name, sorted labels): value}, checking the namespace on the way."""
-    found = {}
+    """Every sample as {(name, sorted labels): value}, summed over relays (the ``endpoint``
+    label), checking the namespace on the way."""
+    found: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
     for family in text_string_to_metric_families(text.decode()):
         assert family.name.startswith(f"{namespace}_"), family.name
         assert family.documentation, f"{family.name} has no HELP"
         for sample in family.samples:
-            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+            labels = {k: v for k, v in sample.labels.items() if k != "endpoint"}
+            key = (sample.name, tuple(sorted(labels.items())))
+            found[key] = found.get(key, 0.0) + sample.value
     return found
 
 
@@ -62,9 +65,9 @@ async def busy_pool_metrics(
             with pytest.raises(sc.PoolExhausted):
                 async with pool.connection():
                     pass
-        for channel in list(pool._slots.idle):  # so that the next checkout must connect
-            pool._slots.evict_idle(channel)
-            await pool._retire(channel, "test", graceful=False)
+        for channel in list(pool._relay._slots.idle):  # so that the next checkout must connect
+            pool._relay._slots.evict_idle(channel)
+            await pool._relay._retire(channel, "test", graceful=False)
         relay.mode = "hangup"
         for _ in range(pool.config.breaker_failure_threshold):
             with pytest.raises(sc.ConnectError):
@@ -88,7 +91,8 @@ async def test_every_required_metric_is_there_with_help_and_units(
         assert family.documentation
         for sample in family.samples:
             # Bounded cardinality: no label names a connection.
-            assert set(sample.labels) <= {"reason", "state", "kind", "to", "le"}, sample
+            labels = set(sample.labels)
+            assert labels <= {"endpoint", "reason", "state", "kind", "to", "le"}, sample
     values = samples(text)
     assert (
         values[("securechannel_connections_opened_total", ())]

@@ -295,7 +295,7 @@ async def test_spare_absorbs_session_tickets_sent_right_after_handshake(
     await control.aclose()
     async with sc.open_pool(relay.target, ssl_context=client_context, min_idle=1) as pool:
         await wait_until(lambda: books(pool)["idle"] == 1)
-        assert not pool._slots.idle[0].has_pending_input()  # the tickets were read
+        assert not pool._relay._slots.idle[0].has_pending_input()  # the tickets were read
         async with pool.connection() as channel:
             assert channel.ssl_stream.version() == "TLSv1.3"
             assert await echo(channel, b"warm") == b"warm"
@@ -566,7 +566,7 @@ async def test_full_duplex_use_measures_sane_round_trips(
         slowest = channel.round_trips.recent().quantile(1.0)
         assert slowest is not None
         assert slowest < 5.0
-        await pool._upkeep.clean()
+        await pool._relay._upkeep.clean()
         assert not channel.closed  # not mistaken for a slow channel
 
 

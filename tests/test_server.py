@@ -43,7 +43,8 @@ async def test_serves_metrics_status_and_health_without_a_token(
         metrics = await request(address, "/metrics")
         assert metrics.status == 200
         assert metrics.headers["content-type"].startswith("text/plain")
-        assert b"securechannel_round_trip_seconds_count 1.0" in metrics.body
+        endpoint = f'endpoint="127.0.0.1:{relay.port}"'.encode()
+        assert b"securechannel_round_trip_seconds_count{" + endpoint + b"} 1.0" in metrics.body
         status = await request(address, "/status")
         assert status.status == 200
         assert json.loads(status.body)["connections"]["opened_total"] == 1
@@ -193,9 +194,9 @@ async def test_events_stream_over_websocket(relay: Relay, client_context: ssl.SS
             assert opened["type"] == "channel_opened"
             assert opened["channel"] == channel.id
             relay.mode = "hangup"
-            for idle in list(pool._slots.idle):
-                pool._slots.evict_idle(idle)
-                await pool._retire(idle, "test", graceful=False)
+            for idle in list(pool._relay._slots.idle):
+                pool._relay._slots.evict_idle(idle)
+                await pool._relay._retire(idle, "test", graceful=False)
             closed = json.loads(await ws.get_message())
             assert closed == {"type": "channel_closed", "channel": channel.id, "reason": "test"}
             with pytest.raises(sc.ConnectError):

@@ -163,10 +163,10 @@ async def test_acquire_and_connect_timeouts_are_exact(
             assert trio.current_time() - start == 2.5
         memory_relay.mode = "silent"
         await check_out_together(pool, 0)
-        idle = list(pool._slots.idle)
+        idle = list(pool._relay._slots.idle)
         for channel in idle:  # drop the warm channel so the next checkout must connect
-            pool._slots.evict_idle(channel)
-            await pool._retire(channel, "test", graceful=False)
+            pool._relay._slots.evict_idle(channel)
+            await pool._relay._retire(channel, "test", graceful=False)
         start = trio.current_time()
         with pytest.raises(sc.ConnectError, match="connect_timeout=4s"):
             async with pool.connection():

@@ -131,6 +131,9 @@ class CircuitBreaker:
         self.rejected_total += 1
         raise CircuitOpen(self.endpoint, self.retry_after(now) or 0.0)
 
+    def trial_available(self) -> bool:
+        return self.state is HALF_OPEN and len(self._trials) < self.half_open_trials
+
     def take_trial(self, now: float) -> Trial | None:
         """A trial permit if the cooldown is over and one is left, else None."""
         self.cooldown_elapsed(now)

@@ -3,13 +3,14 @@
 A collector, not metric objects updated on every checkout: the hot path pays nothing for
 metrics, ``/metrics`` and `status()` can never disagree, and each pool has its own
 `prometheus_client.CollectorRegistry`, so two pools in one process never collide. Names
-carry the pool's ``namespace``; no label is per connection, so cardinality stays bounded.
+carry the pool's ``namespace`` and an ``endpoint`` label naming the relay (bounded by the
+relays configured); no label is per connection, so cardinality stays bounded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, final
+from typing import TYPE_CHECKING, Any, final
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -20,7 +21,6 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from ._breaker import BreakerState
-from ._latency import Histogram
 
 if TYPE_CHECKING:
     from ._pool import SecureChannelPool
@@ -42,86 +42,93 @@ class PoolCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         pool = self._pool
         ns = pool.config.namespace
-        slots, stats, breaker = pool._slots, pool._stats, pool._breaker
-        live = pool.channels()
+        relays = [(str(relay.endpoint), relay) for relay in pool._relays]
+        families: list[Metric] = []
 
-        yield _counter(f"{ns}_connections_opened", "Channels opened (TLS handshake completed).",
-                       stats.opened_total)  # fmt: skip
-        closed = CounterMetricFamily(
-            f"{ns}_connections_closed", "Channels closed, by reason.", labels=["reason"]
-        )
-        for reason, count in sorted(stats.closed_by_reason.items()):
-            closed.add_metric([reason], count)
-        yield closed
+        def family(kind: Any, name: str, text: str, *labels: str) -> Any:
+            metric = kind(f"{ns}_{name}", text, labels=["endpoint", *labels])
+            families.append(metric)
+            return metric
 
-        connections = GaugeMetricFamily(
-            f"{ns}_connections", "Channels by state: idle, in_use, opening.", labels=["state"]
+        opened = family(
+            CounterMetricFamily, "connections_opened", "Channels opened (TLS handshake completed)."
         )
-        connections.add_metric(["idle"], len(slots.idle))
-        connections.add_metric(["in_use"], len(slots.in_use))
-        connections.add_metric(["opening"], slots.opening)
-        yield connections
-        yield GaugeMetricFamily(
-            f"{ns}_waiting", "Checkouts waiting for a free channel.", value=len(slots.waiters)
+        closed = family(
+            CounterMetricFamily, "connections_closed", "Channels closed, by reason.", "reason"
         )
-        yield GaugeMetricFamily(
-            f"{ns}_max_connections", "The pool's max_connections.", value=slots.max_connections
+        connections = family(
+            GaugeMetricFamily, "connections", "Channels by state: idle, in_use, opening.", "state"
         )
-
-        errors = CounterMetricFamily(
-            f"{ns}_errors",
+        waiting = family(GaugeMetricFamily, "waiting", "Checkouts waiting for a free channel.")
+        maximum = family(GaugeMetricFamily, "max_connections", "max_connections, per relay.")
+        errors = family(
+            CounterMetricFamily,
+            "errors",
             "Failures: connect phases (tcp, tls, timeout) and I/O errors on lent channels (io).",
-            labels=["kind"],
+            "kind",
         )
-        for kind, count in sorted(stats.errors(slots.in_use).items()):
-            errors.add_metric([kind], count)
-        yield errors
-        yield _counter(f"{ns}_pool_exhausted", "Checkouts refused: every channel was in use.",
-                       stats.exhausted_total)  # fmt: skip
-
-        yield GaugeMetricFamily(
-            f"{ns}_breaker_state",
+        exhausted = family(
+            CounterMetricFamily, "pool_exhausted", "Checkouts refused: every channel was in use."
+        )
+        breaker_state = family(
+            GaugeMetricFamily,
+            "breaker_state",
             "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
-            value=BREAKER_STATE_VALUES[breaker.state],
         )
-        transitions = CounterMetricFamily(
-            f"{ns}_breaker_transitions", "Circuit breaker transitions, by state entered.",
-            labels=["to"],
-        )  # fmt: skip
-        for state in BreakerState:
-            transitions.add_metric([state.value], breaker.transitions[state])
-        yield transitions
-        yield _counter(f"{ns}_breaker_rejected", "Checkouts refused by the open circuit breaker.",
-                       breaker.rejected_total)  # fmt: skip
-
-        yield _counter(f"{ns}_bytes_sent", "Application bytes sent.", stats.bytes_sent(live))
-        yield _counter(
-            f"{ns}_bytes_received", "Application bytes received.", stats.bytes_received(live)
+        transitions = family(
+            CounterMetricFamily,
+            "breaker_transitions",
+            "Circuit breaker transitions, by state entered.",
+            "to",
         )
+        rejected = family(
+            CounterMetricFamily,
+            "breaker_rejected",
+            "Checkouts refused by the open circuit breaker.",
+        )
+        sent = family(CounterMetricFamily, "bytes_sent", "Application bytes sent.")
+        received = family(CounterMetricFamily, "bytes_received", "Application bytes received.")
+        handshake = family(
+            HistogramMetricFamily, "handshake_seconds", "TLS handshake time, after the TCP connect."
+        )
+        round_trip = family(
+            HistogramMetricFamily,
+            "round_trip_seconds",
+            "Time from a send to the next receive returning data.",
+        )
+        acquire = family(HistogramMetricFamily, "acquire_wait_seconds",
+                         "Time a checkout waited in line for a channel.")  # fmt: skip
 
-        yield _histogram(
-            f"{ns}_handshake_seconds", "TLS handshake time, after the TCP connect.",
-            stats.cumulative(stats.handshakes, stats.past_handshakes),
-        )  # fmt: skip
-        yield _histogram(
-            f"{ns}_round_trip_seconds", "Time from a send to the next receive returning data.",
-            stats.round_trips_cumulative(live),
-        )  # fmt: skip
-        yield _histogram(
-            f"{ns}_acquire_wait_seconds", "Time a checkout waited in line for a channel.",
-            stats.cumulative(stats.acquire_waits, stats.past_acquire_waits),
-        )  # fmt: skip
+        for name, relay in relays:
+            slots, stats, breaker = relay._slots, relay._stats, relay._breaker
+            live = relay.channels()
+            opened.add_metric([name], stats.opened_total)
+            for reason, count in sorted(stats.closed_by_reason.items()):
+                closed.add_metric([name, reason], count)
+            connections.add_metric([name, "idle"], len(slots.idle))
+            connections.add_metric([name, "in_use"], len(slots.in_use))
+            connections.add_metric([name, "opening"], slots.opening)
+            waiting.add_metric([name], len(slots.waiters))
+            maximum.add_metric([name], slots.max_connections)
+            for kind, count in sorted(stats.errors(slots.in_use).items()):
+                errors.add_metric([name, kind], count)
+            exhausted.add_metric([name], stats.exhausted_total)
+            breaker_state.add_metric([name], BREAKER_STATE_VALUES[breaker.state])
+            for state in BreakerState:
+                transitions.add_metric([name, state.value], breaker.transitions[state])
+            rejected.add_metric([name], breaker.rejected_total)
+            sent.add_metric([name], stats.bytes_sent(live))
+            received.add_metric([name], stats.bytes_received(live))
+            for histogram_family, histogram in (
+                (handshake, stats.cumulative(stats.handshakes, stats.past_handshakes)),
+                (round_trip, stats.round_trips_cumulative(live)),
+                (acquire, stats.cumulative(stats.acquire_waits, stats.past_acquire_waits)),
+            ):
+                histogram_family.add_metric(
+                    [name], histogram.prometheus_buckets(), sum_value=histogram.sum
+                )
+        yield from families
         yield GaugeMetricFamily(
             f"{ns}_up", "1 while the pool hands out channels, 0 once it is closed.",
-            value=0 if slots.closed else 1,
+            value=0 if pool.closed else 1,
         )  # fmt: skip
-
-
-def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
-    return CounterMetricFamily(name, documentation, value=value)
-
-
-def _histogram(name: str, documentation: str, histogram: Histogram) -> HistogramMetricFamily:
-    return HistogramMetricFamily(
-        name, documentation, buckets=histogram.prometheus_buckets(), sum_value=histogram.sum
-    )

@@ -1,97 +1,113 @@
-"""`open_pool` and `SecureChannelPool`: checkout, give-back and shutdown around the books."""
+"""`open_pool` and `SecureChannelPool`: one or several relays behind one checkout."""
 
 from __future__ import annotations
 
-import logging
-import math
+import random
 import ssl
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, final
 
 import trio
 from prometheus_client import CollectorRegistry, generate_latest
 
-from ._breaker import BreakerEvent, BreakerState, CircuitBreaker, Trial
+from ._breaker import BreakerEvent, BreakerState
 from ._channel import SecureChannel
 from ._config import PoolConfig, PoolOptions
-from ._connect import open_channel
 from ._endpoint import Endpoint, Target
 from ._errors import CircuitOpen, ConnectError, PoolClosed, PoolExhausted
 from ._events import EventBus, EventStream
+from ._latency import Histogram
 from ._metrics import PoolCollector
+from ._relay import Relay
 from ._server import MetricsServer
-from ._slots import CLOSED, Grant, Slots
-from ._stats import PoolStats
 from ._tls import load_root_store
-from ._upkeep import Upkeep
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-logger = logging.getLogger("trio_securechannel")
+# How good a breaker state is for serving, best first: the pool reports its best relay's.
+_SERVING_ORDER = (BreakerState.CLOSED, BreakerState.HALF_OPEN, BreakerState.OPEN)
 
 
 @final
 class SecureChannelPool:
-    """A bounded pool of TLS channels to one relay. Made by `open_pool`, not directly.
+    """A bounded pool of TLS channels to one relay, or to several. Made by `open_pool`.
+
+    With several relays, ``max_connections`` and ``min_idle`` apply to each, each has its
+    own circuit breaker, and a checkout picks among those whose breaker admits it by the
+    power of two choices on load and recent latency; a failure to connect (before anything
+    was sent) is retried on another relay before the caller sees it.
 
     Attributes:
-        endpoint: The relay.
+        endpoints: The relays, in the order given.
+        endpoint: The first (for a one-relay pool, the relay).
         config: The validated options.
         ssl_context: The client context every handshake uses.
+        metrics_registry: The pool's own `prometheus_client.CollectorRegistry`.
     """
 
-    def __init__(self, endpoint: Endpoint, config: PoolConfig, ssl_context: ssl.SSLContext) -> None:
-        self.endpoint = endpoint
+    def __init__(
+        self, endpoints: Sequence[Endpoint], config: PoolConfig, ssl_context: ssl.SSLContext
+    ) -> None:
+        self.endpoints = list(endpoints)
+        self.endpoint = self.endpoints[0]
         self.config = config
         self.ssl_context = ssl_context
-        self._slots = Slots(config.max_connections)
-        self._breaker = CircuitBreaker(
-            str(endpoint),
-            failure_threshold=config.breaker_failure_threshold,
-            cooldown=config.breaker_cooldown,
-            half_open_trials=config.breaker_half_open_trials,
-            trial_timeout=config.connect_timeout,
-            on_transition=self._breaker_moved,
-        )
         self._breaker_events = EventBus[BreakerEvent]()
-        self._upkeep = Upkeep(self)
-        self._drained = trio.lowlevel.ParkingLot()  # shutdown waits here for lent channels
-        self._stats = PoolStats(trio.current_time(), config.histogram_rotation_interval)
         # Channel and breaker events as JSON-ready dicts, for the /events stream.
         self._events = EventBus[dict[str, Any]]()
+        self._relays = [
+            Relay(
+                endpoint,
+                config,
+                ssl_context,
+                breaker_events=self._breaker_events,
+                events=self._events,
+            )
+            for endpoint in self.endpoints
+        ]
+        self._closed = False
+        self._random = random.Random()
         self.metrics_registry = CollectorRegistry(auto_describe=False)
         self.metrics_registry.register(PoolCollector(self))
         self._metrics_address: tuple[str, int] | None = None
 
     def __repr__(self) -> str:
-        slots = self._slots
-        return (
-            f"<SecureChannelPool {self.endpoint} idle={len(slots.idle)}"
-            f" in_use={len(slots.in_use)} max={slots.max_connections}"
-            f"{' closed' if slots.closed else ''}>"
-        )
+        return f"<SecureChannelPool {', '.join(map(str, self.endpoints))}>"
+
+    @property
+    def _relay(self) -> Relay:
+        """The relay of a one-relay pool (tests and the fast path use it)."""
+        (relay,) = self._relays
+        return relay
+
+    @property
+    def closed(self) -> bool:
+        """True once the pool has begun shutting down."""
+        return self._closed
 
     @property
     def healthy(self) -> bool:
         """True while at least one channel is established; False before and once empty."""
-        return self._slots.open_count > 0
+        return any(relay.healthy for relay in self._relays)
 
     @property
     def breaker_state(self) -> BreakerState:
-        """The relay's circuit breaker state."""
-        return self._breaker.state
+        """The circuit breaker state of the relay best able to serve (the only one's)."""
+        states = {relay._breaker.state for relay in self._relays}
+        return next(state for state in _SERVING_ORDER if state in states)
 
     def breaker_events(self) -> EventStream[BreakerEvent]:
-        """Subscribe to the breaker's transitions: ``async for event in pool.breaker_events()``.
+        """Subscribe to the breakers' transitions: ``async for event in pool.breaker_events()``.
 
-        Each subscriber has its own buffer of 64 events; one that falls further behind loses
-        the oldest (counted in its ``dropped``), so a slow reader never holds the pool up.
-        Iteration ends when the pool closes. Use ``with pool.breaker_events() as events:``
-        (or call ``events.close()``) to unsubscribe earlier.
+        Each event names its relay (``event.endpoint``). Each subscriber has its own buffer
+        of 64 events; one that falls further behind loses the oldest (counted in its
+        ``dropped``), so a slow reader never holds the pool up. Iteration ends when the pool
+        closes. Use ``with pool.breaker_events() as events:`` (or call ``events.close()``)
+        to unsubscribe earlier; a subscription dropped without closing is let go too.
         """
         return self._breaker_events.subscribe()
 
@@ -106,8 +122,8 @@ class SecureChannelPool:
 
         Raises:
             PoolExhausted: All ``max_connections`` are in use and none came free in time.
-            ConnectError: A new channel was needed and could not be opened.
-            CircuitOpen: The relay's breaker is open; nothing was attempted.
+            ConnectError: A new channel was needed and could not be opened (on any relay).
+            CircuitOpen: Every relay's breaker is open; nothing was attempted.
             PoolClosed: The pool is shutting down.
         """
         return _Lease(self)
@@ -122,374 +138,145 @@ class SecureChannelPool:
         return generate_latest(self.metrics_registry)
 
     def channels(self) -> list[SecureChannel]:
-        """The pool's open channels, idle and lent out."""
-        return [*self._slots.idle, *self._slots.in_use]
+        """The pool's open channels, idle and lent out, on every relay."""
+        return [channel for relay in self._relays for channel in relay.channels()]
 
     def status(self) -> dict[str, Any]:
-        """A JSON-serialisable snapshot of the pool's state, counters and latencies."""
-        slots, stats = self._slots, self._stats
+        """A JSON-serialisable snapshot: totals, and each relay's own under ``endpoints``."""
+        per_relay = [relay.status() for relay in self._relays]
+        if len(per_relay) == 1:
+            return {**per_relay[0], "closed": self._closed, "endpoints": per_relay}
         now = trio.current_time()
-        live = self.channels()
-        errors = stats.errors(slots.in_use)
-        return {
-            "target": str(self.endpoint),
+        total: dict[str, Any] = {
+            "target": ", ".join(str(endpoint) for endpoint in self.endpoints),
             "healthy": self.healthy,
-            "closed": slots.closed,
-            "connections": {
-                "idle": len(slots.idle),
-                "in_use": len(slots.in_use),
-                "opening": slots.opening,
-                "waiting": len(slots.waiters),
-                "max": slots.max_connections,
-                "min_idle": self.config.min_idle,
-                "opened_total": stats.opened_total,
-                "closed_total": sum(stats.closed_by_reason.values()),
-                "closed_by_reason": dict(stats.closed_by_reason),
+            "closed": self._closed,
+            "connections": _sum_dicts([s["connections"] for s in per_relay]),
+            "breaker": {
+                "state": self.breaker_state.value,
+                "consecutive_failures": min(
+                    s["breaker"]["consecutive_failures"] for s in per_relay
+                ),
+                "retry_after": self._retry_after(now),
+                "opened_total": sum(s["breaker"]["opened_total"] for s in per_relay),
+                "rejected_total": sum(s["breaker"]["rejected_total"] for s in per_relay),
             },
-            "breaker": self._breaker.status(now),
-            "errors_total": sum(errors.values()),
-            "errors_by_kind": dict(errors),
-            "pool_exhausted_total": stats.exhausted_total,
-            "bytes_sent_total": stats.bytes_sent(live),
-            "bytes_received_total": stats.bytes_received(live),
-            "latency": {
-                "handshake": stats.handshakes.recent().summary(),
-                "round_trip": stats.round_trips_recent(live).summary(),
-                "acquire_wait": stats.acquire_waits.recent().summary(),
-            },
+            "errors_by_kind": _sum_dicts([s["errors_by_kind"] for s in per_relay]),
+            "pool_exhausted_total": sum(s["pool_exhausted_total"] for s in per_relay),
+            "bytes_sent_total": sum(s["bytes_sent_total"] for s in per_relay),
+            "bytes_received_total": sum(s["bytes_received_total"] for s in per_relay),
+            "latency": _merged_latency(self._relays),
             "channels": [
-                {
-                    "id": channel.id,
-                    "state": "in_use" if channel in slots.in_use else "idle",
-                    "age_s": round(now - channel.opened_at, 3),
-                    "handshake_ms": round(channel.handshake_seconds * 1000, 3),
-                    "round_trip": channel.round_trips.recent().summary(),
-                }
-                for channel in live
+                {**channel, "endpoint": s["target"]} for s in per_relay for channel in s["channels"]
             ],
+            "endpoints": per_relay,
         }
+        total["errors_total"] = sum(total["errors_by_kind"].values())
+        return total
 
-    # -- checkout -------------------------------------------------------------------------
-
-    def _take_warm_channel(self) -> SecureChannel | None:
-        """The fast path, synchronous: the warmest idle channel if it is fit, else None.
-
-        None sends the checkout down the general path (`_checkout`), which handles an
-        open breaker, unfit channels, opening and waiting.
-        """
-        slots = self._slots
-        if not slots.idle or slots.waiters or slots.closed:
+    def _retry_after(self, now: float) -> float | None:
+        """Seconds until some relay admits a checkout; None while one does."""
+        if any(relay.admits(now) for relay in self._relays):
             return None
-        if self._breaker.state is not BreakerState.CLOSED:
-            return None
-        if self._unfit_reason(slots.idle[-1]) is not None:
-            return None
-        channel = slots.idle.pop()
-        slots.in_use.add(channel)
-        self._stats.acquire_waits.observe_zero()
-        self._upkeep.notice_change()
-        return channel
+        return min(relay._breaker.retry_after(now) or 0.0 for relay in self._relays)
 
-    async def _checkout(self) -> SecureChannel:
-        """The general path; the caller has already checked for cancellation."""
-        if self._slots.closed:
-            raise PoolClosed(str(self.endpoint))
-        if self._breaker.state is not BreakerState.CLOSED:
-            trial = self._breaker.admit(trio.current_time())  # CircuitOpen: no socket touched
-            if trial is not None:
-                return await self._checkout_trial(trial)
-        grant = self._slots.try_take()
-        if grant is None:
-            began = trio.current_time()
-            grant = await self._wait_turn()
-            self._stats.acquire_waits.observe(trio.current_time() - began)
-        else:
-            self._stats.acquire_waits.observe_zero()
-        self._upkeep.notice_change()
-        if isinstance(grant, SecureChannel) and self._breaker.state is not BreakerState.CLOSED:
-            # It opened while this checkout waited in line: this checkout started before
-            # the opening, but it still gets no traffic through without the breaker's leave.
-            return await self._checkout_after_opening(grant)
-        while isinstance(grant, SecureChannel):
-            unfit = self._unfit_reason(grant)
-            if unfit is None:
-                await trio.lowlevel.cancel_shielded_checkpoint()  # yield at least once
-                return grant
-            dead, grant = grant, self._slots.swap_dead(grant)
-            await self._retire(dead, unfit, graceful=False)
-            if isinstance(grant, SecureChannel) and grant not in self._slots.in_use:
-                grant = CLOSED  # a shutdown out of time closed it while we closed the other
-        if grant is CLOSED:
-            raise PoolClosed(str(self.endpoint))
-        trial = None
-        if self._breaker.state is not BreakerState.CLOSED:
-            # It opened while this checkout waited in line: no connect without its leave.
-            try:
-                trial = self._breaker.admit(trio.current_time())
-            except CircuitOpen:
-                self._slots.open_failed()
-                self._released()
-                raise
-        return await self.open_in_reserved_slot(trial=trial)
+    # -- choosing a relay -----------------------------------------------------------------
 
-    async def _checkout_after_opening(self, channel: SecureChannel) -> SecureChannel:
-        """A waiter was handed ``channel`` but the breaker is no longer closed."""
-        try:
-            trial = self._breaker.admit(trio.current_time())
-        except CircuitOpen:
-            if self._slots.closed:
-                self._slots.forget(channel)
-                await self._retire(channel, "shutdown", graceful=True)
-            else:
-                self._slots.give_back(channel)  # to the next in line, or idle
-            raise
-        assert trial is not None  # not CLOSED: admit gives a trial or refuses
-        self._slots.trade_for_slot(channel)  # a trial runs on a fresh channel
-        await self._retire(channel, "trial", graceful=True)
-        return await self.open_in_reserved_slot(trial=trial)
+    async def _checkout_routed(self) -> tuple[Relay, SecureChannel]:
+        """Checkout across relays: the better of two choices first, the others as fallbacks.
 
-    async def _checkout_trial(self, trial: Trial) -> SecureChannel:
-        """A half-open breaker's trial: always on a freshly opened channel."""
-        try:
-            if not await self.reserve_fresh_slot():
-                grant = await self._wait_turn()  # every slot is lent: wait like anyone
-                if grant is CLOSED:
-                    raise PoolClosed(str(self.endpoint))
-                if isinstance(grant, SecureChannel):  # a trial must not reuse one
-                    self._slots.trade_for_slot(grant)
-                    await self._retire(grant, "trial", graceful=True)
-        except BaseException:
-            self._breaker.trial_abandoned(trial)
-            raise
-        return await self.open_in_reserved_slot(trial=trial)
-
-    async def reserve_fresh_slot(self) -> bool:
-        """Reserve a slot for a brand-new channel (a trial's), evicting an idle one if need be."""
-        reserved, evicted = self._slots.reserve_fresh()
-        if evicted is not None:
-            await self._retire(evicted, "trial", graceful=False)
-        return reserved
-
-    async def _wait_turn(self) -> SecureChannel | Grant:
-        """Wait in line for a channel or a slot, for up to ``acquire_timeout``.
-
-        The waiter parks its task directly (no event, and no cancel scope when the wait
-        is unbounded): granting reschedules it with the grant, which it then owns.
+        A failure before anything was sent (no channel could be opened, the relay's line
+        was full, its breaker opened meanwhile) moves on to the next relay, so callers see
+        no error while any relay works.
         """
-        timeout = self.config.acquire_timeout
-        if timeout > 0:
-            slots = self._slots
-            waiter = slots.enqueue(trio.lowlevel.current_task())
-
-            def abort(_: Any) -> trio.lowlevel.Abort:
-                # Only called while nothing was granted: a grant reschedules the task first.
-                slots.leave_line(waiter)
-                return trio.lowlevel.Abort.SUCCEEDED
-
-            if timeout == math.inf:
-                grant: SecureChannel | Grant = await trio.lowlevel.wait_task_rescheduled(abort)
-                return grant
-            with trio.move_on_after(timeout):
-                grant = await trio.lowlevel.wait_task_rescheduled(abort)
-                return grant
-        self._stats.exhausted_total += 1
-        raise PoolExhausted(str(self.endpoint), self.config.max_connections, timeout)
-
-    def _unfit_reason(self, channel: SecureChannel) -> str | None:
-        """Why an idle channel must not be lent (None: fit). One poll() when all is well.
-
-        Anything the relay sent while the channel sat idle (end-of-file, a reset, a reply
-        nobody read, data it pushed unasked) makes it unfit: the next user must start at
-        a clean message boundary, and there is no telling where one is.
-        """
-        max_lifetime = self.config.max_lifetime
-        if max_lifetime is not None and trio.current_time() - channel.opened_at >= max_lifetime:
-            return "lifetime"
-        if channel.spent is not None:
-            return channel.spent  # e.g. closed by a user who kept a reference
-        return "stale" if channel.has_pending_input() else None
-
-    async def open_in_reserved_slot(self, *, trial: Trial | None = None) -> SecureChannel:
-        """Open a channel in a slot already reserved in the books; free the slot on failure.
-
-        The caller holds the new channel. The outcome is the breaker's to judge, before
-        the caller sees it.
-
-        Raises:
-            CircuitOpen: The breaker opened since the slot was reserved, and this is no
-                trial: the slot is freed without touching the network.
-        """
-        if trial is None and self._breaker.state is not BreakerState.CLOSED:
-            self._slots.open_failed()
-            self._released()
-            raise CircuitOpen(
-                str(self.endpoint), self._breaker.retry_after(trio.current_time()) or 0.0
-            )
-        try:
-            channel = await open_channel(
-                self.endpoint,
-                self.ssl_context,
-                connect_timeout=self.config.connect_timeout,
-                open_transport=self.config.open_transport,
-                on_error=self._channel_failed,
-            )
-        except BaseException as exc:
-            self._slots.open_failed()
-            if isinstance(exc, ConnectError):
-                self._stats.connect_failed(exc.phase)
-                self._breaker.failed(trio.current_time(), exc.reason, trial)
-            elif trial is not None:
-                self._breaker.trial_abandoned(trial)  # cancelled: neither success nor failure
-            self._released()
-            raise
-        self._breaker.succeeded(trio.current_time(), trial)
-        self._stats.channel_opened(channel)
-        self._slots.opened(channel)
-        logger.debug("opened %r", channel)
-        self._events.publish(
-            {
-                "type": "channel_opened",
-                "channel": channel.id,
-                "handshake_ms": _ms(channel.handshake_seconds),
-            }
-        )
-        if self._slots.closed:
-            self._slots.forget(channel)
-            await self._retire(channel, "shutdown", graceful=True)
-            raise PoolClosed(str(self.endpoint))
-        return channel
-
-    async def add_spare(self, channel: SecureChannel) -> None:
-        """Pool a freshly opened channel nobody asked for yet, once it is quiet."""
-        try:
-            await channel.absorb_handshake_tail()
-        except BaseException:
-            self._slots.forget(channel)
-            await self._retire(channel, "aborted", graceful=False)
-            raise
-        reason = self._give_back(channel)
-        if reason is not None:
-            await self._retire(channel, reason, graceful=True)
-
-    # -- give-back and closing ------------------------------------------------------------
-
-    def _channel_failed(self, channel: SecureChannel, kind: str) -> None:
-        """A lent channel hit an I/O error: the breaker hears of it before its user does."""
-        self._breaker.failed(trio.current_time(), f"{kind} error on {channel!r}")
-
-    def _give_back(self, channel: SecureChannel) -> str | None:
-        """The lease ended normally: keep the channel, or say why it must be closed."""
         now = trio.current_time()
-        if self._breaker.consecutive_failures and not channel.errors:
-            self._breaker.succeeded(now)  # (a success changes nothing when none failed)
-        slots = self._slots
-        if channel not in slots.in_use:
-            return None  # already force-closed by a shutdown that ran out of time
-        max_lifetime = self.config.max_lifetime
-        if slots.closed:
-            reason: str | None = "shutdown"
-        elif channel.spent is not None:
-            reason = channel.spent
-        elif channel.unanswered:
-            reason = "unanswered"
-        elif max_lifetime is not None and now - channel.opened_at >= max_lifetime:
-            reason = "lifetime"
-        else:
-            channel.idle_since = now
-            slots.give_back(channel)
-            return None
-        slots.forget(channel)
-        return reason
-
-    async def _discard(self, channel: SecureChannel, exc: BaseException | None) -> None:
-        """The lease ended with an exception or a cancellation: never reuse the channel."""
-        if not channel.errors and not isinstance(exc, trio.Cancelled):
-            # The application's own error: the relay did its part.
-            self._breaker.succeeded(trio.current_time())
-        if channel not in self._slots.in_use:
-            return
-        self._slots.forget(channel)
-        await self._retire(channel, "error" if channel.errors else "aborted", graceful=False)
-
-    async def _retire(self, channel: SecureChannel, reason: str, *, graceful: bool) -> None:
-        """Account for a channel that has left the books, then close it."""
-        self.account_for_departure(channel, reason)
-        await self.close_departed(channel, graceful=graceful)
-
-    def account_for_departure(self, channel: SecureChannel, reason: str) -> None:
-        """Fold a departed channel's figures into the pool's, in the same step that took
-        it off the books: totals must never dip while its close is still pending."""
-        self._stats.channel_closed(channel, reason)
-        self._released()
-        self._events.publish({"type": "channel_closed", "channel": channel.id, "reason": reason})
-        logger.debug("closing %r (%s)", channel, reason)
-
-    async def close_departed(self, channel: SecureChannel, *, graceful: bool) -> None:
-        """Close a channel already accounted for. Never raises; bounded in time.
-
-        Graceful: a TLS close_notify within ``shutdown_timeout``. Otherwise (the channel
-        may be mid-record, or its peer gone) the socket is closed at once.
-        """
-        with trio.CancelScope(shield=True) as scope:
-            if graceful:
-                scope.deadline = trio.current_time() + self.config.shutdown_timeout
-            else:
-                scope.cancel()  # SSLStream.aclose then closes the socket without a goodbye
+        candidates = [relay for relay in self._relays if relay.admits(now)]
+        if self._closed:
+            raise PoolClosed(", ".join(map(str, self.endpoints)))
+        if not candidates:
+            for relay in self._relays:
+                relay._breaker.rejected_total += 1  # every relay refused this checkout
+            retry_after = self._retry_after(now) or 0.0
+            raise CircuitOpen(", ".join(map(str, self.endpoints)), retry_after)
+        failures: list[ConnectError | PoolExhausted | CircuitOpen] = []
+        for relay in self._ranked(candidates):
+            channel = relay._take_warm_channel()
+            if channel is not None:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return relay, channel
             try:
-                await channel.aclose()
-            except (trio.BrokenResourceError, OSError) as exc:
-                logger.debug("closing %r: %r", channel, exc)
+                return relay, await relay._checkout()
+            except (ConnectError, PoolExhausted, CircuitOpen) as exc:
+                failures.append(exc)
+        for kind in (ConnectError, PoolExhausted):
+            errors = [exc for exc in failures if isinstance(exc, kind)]
+            if errors:
+                raise errors[-1]
+        raise min(failures, key=lambda exc: getattr(exc, "retry_after", 0.0))
+
+    def _ranked(self, candidates: list[Relay]) -> list[Relay]:
+        """Power of two choices: the better of two random candidates, then the rest."""
+        if len(candidates) > 2:
+            first = min(self._random.sample(candidates, 2), key=_load)
+            return [first, *sorted((c for c in candidates if c is not first), key=_load)]
+        return sorted(candidates, key=_load)
+
+    # -- shutdown -------------------------------------------------------------------------
 
     async def _run_background(self, scope: trio.CancelScope) -> None:
-        """The pool's own tasks: spares, cleanup passes and the breaker's timer."""
         with scope:
             async with trio.open_nursery() as nursery:
-                self._upkeep.start(nursery)
-                nursery.start_soon(self._breaker.run)
-
-    def _breaker_moved(self, event: BreakerEvent) -> None:
-        """Told of each breaker transition as it happens, before anyone sees its cause."""
-        self._breaker_events.publish(event)
-        self._events.publish({"type": "breaker", **event.as_dict()})
-        self._upkeep.notice_change()
-
-    def _released(self) -> None:
-        """A channel or a slot left the books: whoever waits for that may go on."""
-        if self._slots.closed:
-            self._drained.unpark_all()
-        else:
-            self._upkeep.notice_change()
+                for relay in self._relays:
+                    nursery.start_soon(relay.run_background)
 
     async def _shutdown(self) -> None:
-        """Stop lending, close idle channels gracefully, wait (bounded) for lent ones."""
-        slots = self._slots
-        deadline = trio.current_time() + self.config.shutdown_timeout
-        with trio.CancelScope(shield=True, deadline=deadline):
-            idle = slots.close()
-            for channel in idle:
-                self.account_for_departure(channel, "shutdown")
+        """Every relay at once: stop lending, close idle channels, wait for lent ones."""
+        self._closed = True
+        with trio.CancelScope(shield=True):
             async with trio.open_nursery() as nursery:
-                for channel in idle:
-                    nursery.start_soon(partial(self.close_departed, channel, graceful=True))
-            while slots.in_use or slots.opening:
-                await self._drained.park()
-        # Out of time: close what is still lent out under its users' feet.
-        for channel in list(slots.in_use):
-            slots.forget(channel)
-            await self._retire(channel, "shutdown", graceful=False)
+                for relay in self._relays:
+                    nursery.start_soon(relay.shutdown)
         # Every figure is final: end the event streams (/events clients get a close frame).
         self._breaker_events.close()
         self._events.close()
+
+
+def _load(relay: Relay) -> float:
+    """Lower is better: channels busy or opening, times recent latency (unknown: 0, so a
+    new or revived relay gets tried)."""
+    slots = relay._slots
+    return (len(slots.in_use) + slots.opening + 1) * (relay.latency_estimate or 0.0)
+
+
+def _sum_dicts(dicts: list[dict[str, Any]]) -> dict[str, Any]:
+    total: dict[str, Any] = {}
+    for entry in dicts:
+        for key, value in entry.items():
+            if isinstance(value, dict):
+                total[key] = dict(Counter(total.get(key, {})) + Counter(value))
+            else:
+                total[key] = total.get(key, 0) + value
+    return total
+
+
+def _merged_latency(relays: list[Relay]) -> dict[str, Any]:
+    merged = [Histogram(), Histogram(), Histogram()]
+    for relay in relays:
+        for total, part in zip(merged, relay.recent_histograms(), strict=True):
+            total.merge(part)
+    handshake, round_trip, acquire_wait = (histogram.summary() for histogram in merged)
+    return {"handshake": handshake, "round_trip": round_trip, "acquire_wait": acquire_wait}
 
 
 @final
 class _Lease:
     """``async with pool.connection() as channel``: one checkout and its end."""
 
-    __slots__ = ("_channel", "_pool")
+    __slots__ = ("_channel", "_pool", "_relay")
 
     def __init__(self, pool: SecureChannelPool) -> None:
         self._pool = pool
+        self._relay: Relay | None = None
         self._channel: SecureChannel | None = None
 
     async def __aenter__(self) -> SecureChannel:
@@ -498,12 +285,17 @@ class _Lease:
         # As trio.Semaphore.acquire does: a cancellation point first, then either the
         # synchronous fast path and a shielded yield, or the general path's own waits.
         await trio.lowlevel.checkpoint_if_cancelled()
-        channel = self._pool._take_warm_channel()
-        if channel is None:
-            channel = await self._pool._checkout()
+        relays = self._pool._relays
+        if len(relays) == 1:
+            relay = relays[0]
+            channel = relay._take_warm_channel()
+            if channel is None:
+                channel = await relay._checkout()
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
         else:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        self._channel = channel
+            relay, channel = await self._pool._checkout_routed()
+        self._relay, self._channel = relay, channel
         return channel
 
     async def __aexit__(
@@ -513,28 +305,33 @@ class _Lease:
         tb: TracebackType | None,
     ) -> None:
         # Returns None: the block's own exception, if any, always propagates unchanged.
-        channel, pool = self._channel, self._pool
+        channel, relay = self._channel, self._relay
         assert channel is not None
+        assert relay is not None
         if exc_type is not None:
-            await pool._discard(channel, exc)
+            await relay._discard(channel, exc)
             return
-        reason = pool._give_back(channel)
+        reason = relay._give_back(channel)
         if reason is not None:
-            await pool._retire(channel, reason, graceful=True)
+            await relay._retire(channel, reason, graceful=True)
 
 
 def open_pool(
-    target: Target, *, config: PoolConfig | None = None, **options: Unpack[PoolOptions]
+    target: Target | Sequence[Target],
+    *,
+    config: PoolConfig | None = None,
+    **options: Unpack[PoolOptions],
 ) -> AbstractAsyncContextManager[SecureChannelPool]:
-    """Open a pool of TLS channels to ``target`` for the duration of an ``async with``.
+    """Open a pool of TLS channels for the duration of an ``async with``.
 
     The pool owns a nursery for its background work (cleanup passes, keeping ``min_idle``
-    spares). Leaving the block stops new checkouts (`PoolClosed`), closes idle channels
-    with a TLS close_notify and waits up to ``shutdown_timeout`` for lent ones to come
-    back before closing them anyway.
+    spares, the breakers' timers, the metrics server). Leaving the block stops new
+    checkouts (`PoolClosed`), closes idle channels with a TLS close_notify and waits up to
+    ``shutdown_timeout`` for lent ones to come back before closing them anyway.
 
     Args:
-        target: ``"host:port"``, ``"[v6addr]:port"`` or ``(host, port)``.
+        target: ``"host:port"``, ``"[v6addr]:port"`` or ``(host, port)``; or a list of
+            them, for a pool spread over several relays.
         config: A `PoolConfig` to start from.
         **options: `PoolConfig` fields, overriding ``config``.
 
@@ -545,20 +342,33 @@ def open_pool(
         TypeError: An unknown option, or an option of the wrong type.
         ValueError: A malformed target or an out-of-range option, naming it.
     """
-    endpoint = Endpoint.parse(target)
+    endpoints = _parse_targets(target)
     if config is not None and not isinstance(config, PoolConfig):
         raise TypeError(f"config must be a PoolConfig, got {type(config).__name__}")
     base = config if config is not None else PoolConfig()
-    return _run_pool(endpoint, base.replace(**options) if options else base)
+    return _run_pool(endpoints, base.replace(**options) if options else base)
+
+
+def _parse_targets(target: object) -> list[Endpoint]:
+    if isinstance(target, list):
+        if not target:
+            raise ValueError("target: an empty list of relays")
+        endpoints = [Endpoint.parse(one, field=f"target[{i}]") for i, one in enumerate(target)]
+        if len(set(endpoints)) != len(endpoints):
+            raise ValueError(f"target: the same relay twice in {target!r}")
+        return endpoints
+    return [Endpoint.parse(target)]
 
 
 @asynccontextmanager
-async def _run_pool(endpoint: Endpoint, config: PoolConfig) -> AsyncIterator[SecureChannelPool]:
+async def _run_pool(
+    endpoints: list[Endpoint], config: PoolConfig
+) -> AsyncIterator[SecureChannelPool]:
     ssl_context = config.ssl_context
     if ssl_context is None:
         # Reading the system's roots is blocking file I/O: keep it off the event loop.
         ssl_context = await trio.to_thread.run_sync(load_root_store)
-    pool = SecureChannelPool(endpoint, config, ssl_context)
+    pool = SecureChannelPool(endpoints, config, ssl_context)
     body_error: BaseException | None = None
     background = trio.CancelScope()
     server = MetricsServer(pool)
@@ -579,7 +389,3 @@ async def _run_pool(endpoint: Endpoint, config: PoolConfig) -> AsyncIterator[Sec
             nursery.cancel_scope.cancel()
     if body_error is not None:
         raise body_error
-
-
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000, 3)

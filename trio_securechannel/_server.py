@@ -109,7 +109,7 @@ class MetricsApp:
                            head=scope["method"] == "HEAD")  # fmt: skip
         elif path == "/healthz":
             pool = self._pool
-            serving = not pool._slots.closed and pool.breaker_state is not BreakerState.OPEN
+            serving = not pool.closed and pool.breaker_state is not BreakerState.OPEN
             await _respond(send, 200 if serving else 503, b"ok\n" if serving else b"unavailable\n",
                            head=scope["method"] == "HEAD")  # fmt: skip
         else:  # /events over plain HTTP

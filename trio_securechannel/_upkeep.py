@@ -13,7 +13,7 @@ from ._errors import CircuitOpen, PoolClosed
 
 if TYPE_CHECKING:
     from ._channel import SecureChannel
-    from ._pool import SecureChannelPool
+    from ._relay import Relay
 
 logger = logging.getLogger("trio_securechannel")
 
@@ -29,8 +29,8 @@ SPARE_BACKOFF_MAX = 30.0
 class Upkeep:
     """Keeps ``min_idle`` spares open and runs a cleanup pass every ``cleanup_interval``."""
 
-    def __init__(self, pool: SecureChannelPool) -> None:
-        self._pool = pool
+    def __init__(self, relay: Relay) -> None:
+        self._pool = relay  # the relay whose channels this keeps
         self._wakeup = trio.lowlevel.ParkingLot()
         self._opening_spares = 0
         self._spare_failures = 0
