@@ -2,9 +2,10 @@
 
 The state machine is small and synchronous, so a failure that reaches the threshold has
 opened the breaker before its caller sees the error, and each transition is handed on at
-once: subscribers receive it over their own trio memory channels (see `_events`), so no
-transition is ever lost, not even one made as the pool closes. The breaker's task in the
-pool's nursery owns the cooldown timer.
+once: subscribers receive it over their own trio memory channels (see `_events`), none is
+lost (unless a subscriber falls 64 events behind, which its ``dropped`` counts), not even
+one made as the pool closes. The breaker's task in the pool's nursery owns the cooldown
+timer.
 """
 
 from __future__ import annotations

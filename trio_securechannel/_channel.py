@@ -39,6 +39,7 @@ class SecureChannel(trio.abc.Stream):
         id: A number unique within the process, for logs.
         opened_at: `trio.current_time()` when the handshake completed.
         handshake_seconds: How long the TLS handshake took (after the TCP connect).
+        spent: Why the channel may not be lent again, or None while it may.
         errors: I/O errors seen on this channel, by kind (counted once per failure).
         round_trips: Latency from a send to the next receive that returns data, in a
             current and a previous window.
@@ -59,7 +60,7 @@ class SecureChannel(trio.abc.Stream):
 
         self._on_error = on_error  # told of each failure as it happens (the pool's breaker)
         #: Why this channel may not be lent again ("error", "cancelled", "eof", "closed",
-        #: "unexpected data"), or None while it may.
+        #: "unexpected data", "slow"), or None while it may.
         self.spent: str | None = None
         self.endpoint = endpoint
         self.id = next(_channel_ids)

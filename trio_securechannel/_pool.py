@@ -341,6 +341,7 @@ def open_pool(
     Raises:
         TypeError: An unknown option, or an option of the wrong type.
         ValueError: A malformed target or an out-of-range option, naming it.
+        OSError: On entering the block: ``metrics_host``/``metrics_port`` cannot be bound.
     """
     endpoints = _parse_targets(target)
     if config is not None and not isinstance(config, PoolConfig):

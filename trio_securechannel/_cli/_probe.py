@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import trio
 from rich.console import Console
 from rich.table import Table
-from trio_websocket import HandshakeError, wrap_client_stream
+from trio_websocket import ConnectionClosed, HandshakeError, wrap_client_stream
 
 import trio_securechannel as sc
 
@@ -25,7 +25,7 @@ def probe(args: argparse.Namespace) -> int:
         return _fail(args, exc.phase, str(exc))
     except (sc.SecureChannelError, HandshakeError) as exc:
         return _fail(args, "protocol", str(exc))
-    except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+    except (trio.BrokenResourceError, trio.TooSlowError, ConnectionClosed) as exc:
         reason = (
             "no reply within --timeout"
             if isinstance(exc, trio.TooSlowError)
