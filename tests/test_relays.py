@@ -122,8 +122,10 @@ async def test_three_relays_one_down(nursery: trio.Nursery, client_context: ssl.
     assert traffic.served[f"127.0.0.1:{relays[2].port}"] > 0
     down = status["endpoints"][1]
     assert down["breaker"]["state"] == "open"  # its failures, retried elsewhere, opened it
-    assert down["errors_by_kind"] == {"tcp": 5}
-    assert status["errors_total"] == 5  # counted once, on the relay that failed
+    # Five failures in a row opened it; connects already under way when it opened fail too.
+    assert set(down["errors_by_kind"]) == {"tcp"}
+    assert 5 <= down["errors_total"] <= 5 + 6
+    assert status["errors_total"] == down["errors_total"]  # counted once, where they happened
 
 
 async def test_a_slow_relay_gets_less_traffic(

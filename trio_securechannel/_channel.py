@@ -73,6 +73,8 @@ class SecureChannel(trio.abc.Stream):
         self._awaiting_reply_since: float | None = None
         # One poll object for the channel's life: the liveness probe at every checkout is
         # then a single poll() call, with nothing to allocate or register.
+        # SSLObject.pending, looked up once: SSLStream forwards it through __getattr__.
+        self._tls_pending: Callable[[], int] = ssl_stream.pending
         self._poller: select.poll | None = None
         self._polled_fd = -1
         transport = ssl_stream.transport_stream
@@ -219,7 +221,7 @@ class SecureChannel(trio.abc.Stream):
         """
         if self._closed:
             return True  # nothing to read, and certainly not fit to lend
-        if self._stream.pending():
+        if self._tls_pending():
             return True
         if self._poller is not None:
             if self._socket.fileno() != self._polled_fd:

@@ -69,6 +69,8 @@ class SecureChannelPool:
             )
             for endpoint in self.endpoints
         ]
+        # The fast path of a one-relay pool goes straight to it.
+        self._only_relay = self._relays[0] if len(self._relays) == 1 else None
         self._closed = False
         self._random = random.Random()
         self.metrics_registry = CollectorRegistry(auto_describe=False)
@@ -285,9 +287,8 @@ class _Lease:
         # As trio.Semaphore.acquire does: a cancellation point first, then either the
         # synchronous fast path and a shielded yield, or the general path's own waits.
         await trio.lowlevel.checkpoint_if_cancelled()
-        relays = self._pool._relays
-        if len(relays) == 1:
-            relay = relays[0]
+        relay = self._pool._only_relay
+        if relay is not None:
             channel = relay._take_warm_channel()
             if channel is None:
                 channel = await relay._checkout()
