@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import trio_securechannel as sc
 
@@ -94,7 +95,7 @@ async def test_a_relay_killed_and_revived(
             stop.set()
         status = pool.status()
     assert traffic.checkout_failures == []  # no checkout failed while the other relay worked
-    assert during[names[0]] == 0
+    assert during[names[0]] <= 4  # at most the workers whose reply was already in when it died
     assert during[names[1]] > 50
     assert (names[0], "open") in transitions
     assert (names[0], "closed") in transitions  # a trial after the cooldown brought it back
@@ -194,3 +195,49 @@ async def test_metrics_and_status_name_each_relay(
     assert status["connections"]["opened_total"] == 2
     assert {c["endpoint"] for c in status["channels"]} == seen
     assert status["target"] == ", ".join(f"127.0.0.1:{relay.port}" for relay in relays)
+
+
+async def test_a_full_relay_does_not_hold_up_a_checkout(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, client_context: ssl.SSLContext
+) -> None:
+    from relay import MemoryRelay
+
+    relays = [MemoryRelay(make_server_context(), nursery) for _ in range(2)]
+
+    async def route(host: str, port: int) -> trio.abc.Stream:
+        return await relays[port - 1].open_transport(host, port)
+
+    options: dict[str, Any] = {
+        "ssl_context": client_context,
+        "open_transport": route,
+        "max_connections": 1,
+        "acquire_timeout": 10.0,
+    }
+    async with sc.open_pool([("relay.test", 1), ("relay.test", 2)], **options) as pool:
+        async with pool.connection() as first:
+            began = trio.current_time()
+            async with pool.connection() as second:  # the other relay, at once
+                assert trio.current_time() == began
+                assert second.endpoint != first.endpoint
+            with pytest.raises(sc.PoolExhausted):  # both full: one wait, not one per relay
+                async with pool.connection(), pool.connection():
+                    pass
+            assert trio.current_time() - began == 10.0
+        assert pool.status()["pool_exhausted_total"] == 1
+
+
+async def test_channel_events_name_their_relay(
+    nursery: trio.Nursery, client_context: ssl.SSLContext
+) -> None:
+    relays = await start_relays(nursery, 2)
+    targets: list[sc.Target] = [f"127.0.0.1:{relay.port}" for relay in relays]
+    with pytest.raises(TypeError, match=r"several relays go in a list"):
+        sc.open_pool(tuple(targets))  # type: ignore[arg-type]
+    async with sc.open_pool(targets, ssl_context=client_context) as pool:
+        assert [str(e) for e in pool.endpoints] == targets
+        with pool._events.subscribe() as events:
+            async with pool.connection() as channel:
+                assert await echo(channel, b"x") == b"x"
+            opened = await events.__anext__()
+    assert opened["type"] == "channel_opened"
+    assert opened["endpoint"] == str(channel.endpoint)

@@ -198,7 +198,12 @@ async def test_events_stream_over_websocket(relay: Relay, client_context: ssl.SS
                 pool._relay._slots.evict_idle(idle)
                 await pool._relay._retire(idle, "test", graceful=False)
             closed = json.loads(await ws.get_message())
-            assert closed == {"type": "channel_closed", "channel": channel.id, "reason": "test"}
+            assert closed == {
+                "type": "channel_closed",
+                "endpoint": f"127.0.0.1:{relay.port}",
+                "channel": channel.id,
+                "reason": "test",
+            }
             with pytest.raises(sc.ConnectError):
                 async with pool.connection():
                     pass

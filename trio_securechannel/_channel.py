@@ -68,6 +68,8 @@ class SecureChannel(trio.abc.Stream):
         self.idle_since = self.opened_at
         self.handshake_seconds = handshake_seconds
         self.round_trips = RotatingHistogram(self.opened_at)
+        self.round_trips_total = 0
+        self.round_trips_reported = 0  # how many its relay has learned from
         self._latest_round_trips: deque[float] = deque(maxlen=RECENT_ROUND_TRIPS)
         # When the first send since the last reply began (None: nothing awaits a reply).
         self._awaiting_reply_since: float | None = None
@@ -196,6 +198,7 @@ class SecureChannel(trio.abc.Stream):
                 elapsed = trio.current_time() - self._awaiting_reply_since
                 self.round_trips.observe(elapsed)
                 self._latest_round_trips.append(elapsed)
+                self.round_trips_total += 1
                 self._awaiting_reply_since = None
         else:
             self._spend("eof")  # the peer closed its side

@@ -42,7 +42,10 @@ class Endpoint:
             if not isinstance(host, str):
                 raise TypeError(f"{field}: host must be a str, got {type(host).__name__}")
             if isinstance(port, bool) or not isinstance(port, int):
-                raise TypeError(f"{field}: port must be an int, got {type(port).__name__}")
+                raise TypeError(
+                    f"{field}: port must be an int, got {type(port).__name__}"
+                    " (several relays go in a list)"
+                )
         else:
             raise TypeError(
                 f"{field} must be 'host:port', '[v6addr]:port' or a (host, port) tuple,"

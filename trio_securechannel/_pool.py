@@ -17,7 +17,7 @@ from ._breaker import BreakerEvent, BreakerState
 from ._channel import SecureChannel
 from ._config import PoolConfig, PoolOptions
 from ._endpoint import Endpoint, Target
-from ._errors import CircuitOpen, ConnectError, PoolClosed, PoolExhausted
+from ._errors import CircuitOpen, ConnectError, PoolClosed
 from ._events import EventBus, EventStream
 from ._latency import Histogram
 from ._metrics import PoolCollector
@@ -27,6 +27,10 @@ from ._tls import load_root_store
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
+
+#: The share of checkouts that take the other of the two choices, so that every relay's
+#: latency keeps being measured.
+EXPLORE = 0.05
 
 # How good a breaker state is for serving, best first: the pool reports its best relay's.
 _SERVING_ORDER = (BreakerState.CLOSED, BreakerState.HALF_OPEN, BreakerState.OPEN)
@@ -69,8 +73,11 @@ class SecureChannelPool:
             )
             for endpoint in self.endpoints
         ]
-        # The fast path of a one-relay pool goes straight to it.
+        # The fast path of a one-relay pool goes straight to it; with several, the relays
+        # learn their latency for choosing among them.
         self._only_relay = self._relays[0] if len(self._relays) == 1 else None
+        for relay in self._relays:
+            relay.learns_latency = self._only_relay is None
         self._closed = False
         self._random = random.Random()
         self.metrics_registry = CollectorRegistry(auto_describe=False)
@@ -153,7 +160,11 @@ class SecureChannelPool:
             "target": ", ".join(str(endpoint) for endpoint in self.endpoints),
             "healthy": self.healthy,
             "closed": self._closed,
-            "connections": _sum_dicts([s["connections"] for s in per_relay]),
+            "connections": {
+                **_sum_dicts([s["connections"] for s in per_relay]),
+                "max": self.config.max_connections,  # per relay, as configured
+                "min_idle": self.config.min_idle,
+            },
             "breaker": {
                 "state": self.breaker_state.value,
                 "consecutive_failures": min(
@@ -187,41 +198,54 @@ class SecureChannelPool:
     async def _checkout_routed(self) -> tuple[Relay, SecureChannel]:
         """Checkout across relays: the better of two choices first, the others as fallbacks.
 
-        A failure before anything was sent (no channel could be opened, the relay's line
-        was full, its breaker opened meanwhile) moves on to the next relay, so callers see
-        no error while any relay works.
+        Relays that can serve at once (a warm channel, or room to open one) are tried
+        before anyone waits in line, and a failure before anything was sent (no channel
+        could be opened, the breaker opened meanwhile) moves on to the next relay, so
+        callers see no error while any relay works. Only when every relay is full does the
+        checkout wait, on the best one, for up to ``acquire_timeout``.
         """
         now = trio.current_time()
-        candidates = [relay for relay in self._relays if relay.admits(now)]
         if self._closed:
             raise PoolClosed(", ".join(map(str, self.endpoints)))
+        candidates = [relay for relay in self._relays if relay.admits(now)]
         if not candidates:
-            for relay in self._relays:
-                relay._breaker.rejected_total += 1  # every relay refused this checkout
-            retry_after = self._retry_after(now) or 0.0
+            # Refused by the pool as a whole: counted once, on the relay back the soonest.
+            soonest = min(self._relays, key=lambda r: r._breaker.retry_after(now) or 0.0)
+            soonest._breaker.rejected_total += 1
+            retry_after = soonest._breaker.retry_after(now) or 0.0
             raise CircuitOpen(", ".join(map(str, self.endpoints)), retry_after)
-        failures: list[ConnectError | PoolExhausted | CircuitOpen] = []
-        for relay in self._ranked(candidates):
+        ranked = self._ranked(candidates)
+        failures: list[ConnectError | CircuitOpen] = []
+        for relay in ranked:  # in order of preference, the first that serves at once
             channel = relay._take_warm_channel()
             if channel is not None:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return relay, channel
-            try:
-                return relay, await relay._checkout()
-            except (ConnectError, PoolExhausted, CircuitOpen) as exc:
-                failures.append(exc)
-        for kind in (ConnectError, PoolExhausted):
-            errors = [exc for exc in failures if isinstance(exc, kind)]
-            if errors:
-                raise errors[-1]
+            if relay.has_room():
+                try:
+                    return relay, await relay._checkout()  # reuses or opens: no waiting
+                except (ConnectError, CircuitOpen) as exc:
+                    failures.append(exc)
+        if not failures:  # every relay is full: wait in line at the best one
+            return ranked[0], await ranked[0]._checkout()
+        connect_errors = [exc for exc in failures if isinstance(exc, ConnectError)]
+        if connect_errors:
+            raise connect_errors[-1]
         raise min(failures, key=lambda exc: getattr(exc, "retry_after", 0.0))
 
     def _ranked(self, candidates: list[Relay]) -> list[Relay]:
-        """Power of two choices: the better of two random candidates, then the rest."""
-        if len(candidates) > 2:
-            first = min(self._random.sample(candidates, 2), key=_load)
-            return [first, *sorted((c for c in candidates if c is not first), key=_load)]
-        return sorted(candidates, key=_load)
+        """Power of two choices: the better of two random candidates, then the rest.
+
+        Ties go either way at random, and now and then the other of the two is taken, so
+        a relay that looked slow once is measured again rather than starved.
+        """
+        draw = self._random.random
+        pair = self._random.sample(candidates, 2) if len(candidates) > 2 else list(candidates)
+        pair.sort(key=lambda relay: (_load(relay), draw()))
+        if len(pair) == 2 and draw() < EXPLORE:
+            pair.reverse()
+        rest = sorted((c for c in candidates if c not in pair), key=_load)
+        return [*pair, *rest]
 
     # -- shutdown -------------------------------------------------------------------------
 
@@ -318,7 +342,7 @@ class _Lease:
 
 
 def open_pool(
-    target: Target | Sequence[Target],
+    target: Target | list[Target],
     *,
     config: PoolConfig | None = None,
     **options: Unpack[PoolOptions],
@@ -352,7 +376,7 @@ def open_pool(
 
 
 def _parse_targets(target: object) -> list[Endpoint]:
-    if isinstance(target, list):
+    if isinstance(target, list):  # (a tuple is one (host, port))
         if not target:
             raise ValueError("target: an empty list of relays")
         endpoints = [Endpoint.parse(one, field=f"target[{i}]") for i, one in enumerate(target)]

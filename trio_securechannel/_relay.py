@@ -68,8 +68,9 @@ class Relay:
         # Channel and breaker events as JSON-ready dicts, for the /events stream.
         self._events = events
         # Recent round trips of this relay (an exponential average, seconds), for choosing
-        # among relays; None until one was measured.
+        # among relays; None until one was measured. Learned only in a pool of several.
         self.latency_estimate: float | None = None
+        self.learns_latency = False
 
     def __repr__(self) -> str:
         slots = self._slots
@@ -317,6 +318,7 @@ class Relay:
         self._events.publish(
             {
                 "type": "channel_opened",
+                "endpoint": str(self.endpoint),
                 "channel": channel.id,
                 "handshake_ms": _ms(channel.handshake_seconds),
             }
@@ -364,17 +366,30 @@ class Relay:
             reason = "lifetime"
         else:
             channel.idle_since = now
-            self._learn_latency(channel)
+            if self.learns_latency:
+                self._learn_latency(channel)
             slots.give_back(channel)
             return None
         slots.forget(channel)
         return reason
 
     def _learn_latency(self, channel: SecureChannel) -> None:
-        recent = channel.recent_round_trip()
-        if recent is not None:
+        """Fold the round trips this lease made into the relay's estimate (once each)."""
+        fresh = channel.round_trips_total - channel.round_trips_reported
+        if fresh <= 0:
+            return
+        channel.round_trips_reported = channel.round_trips_total
+        latest = channel.recent_round_trip()
+        if latest is not None:
             previous = self.latency_estimate
-            self.latency_estimate = recent if previous is None else 0.7 * previous + 0.3 * recent
+            self.latency_estimate = latest if previous is None else 0.7 * previous + 0.3 * latest
+
+    def has_room(self) -> bool:
+        """Whether a checkout here would be served without waiting in line."""
+        slots = self._slots
+        if slots.closed or slots.waiters:
+            return False
+        return bool(slots.idle) or slots.total < slots.max_connections
 
     def admits(self, now: float) -> bool:
         """Whether a checkout here would get past the breaker (without asking it)."""
@@ -414,7 +429,14 @@ class Relay:
         it off the books: totals must never dip while its close is still pending."""
         self._stats.channel_closed(channel, reason)
         self._released()
-        self._events.publish({"type": "channel_closed", "channel": channel.id, "reason": reason})
+        self._events.publish(
+            {
+                "type": "channel_closed",
+                "endpoint": str(self.endpoint),
+                "channel": channel.id,
+                "reason": reason,
+            }
+        )
         logger.debug("closing %r (%s)", channel, reason)
 
     async def close_departed(self, channel: SecureChannel, *, graceful: bool) -> None:
@@ -443,6 +465,8 @@ class Relay:
         """Told of each breaker transition as it happens, before anyone sees its cause."""
         self._breaker_events.publish(event)
         self._events.publish({"type": "breaker", **event.as_dict()})
+        if event.to_state is BreakerState.OPEN:
+            self.latency_estimate = None  # when it is back, it is found out afresh
         self._upkeep.notice_change()
 
     def _released(self) -> None:
