@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._measure import Run, Variant, compare
 from ._server import Addresses
 from ._tls import client_context
 
@@ -68,3 +70,7 @@ class Bench:
     def client_context(self) -> ssl.SSLContext:
         """A fresh client context trusting the benchmark CA."""
         return client_context(self.ca_file)
+
+    async def compare(self, variants: Mapping[str, Variant]) -> dict[str, list[Run]]:
+        """`compare` with this run's repeats, warm-ups and time limit."""
+        return await compare(variants, repeats=self.repeats, warmups=self.warmups, limit=self.limit)

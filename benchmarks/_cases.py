@@ -23,7 +23,7 @@ from ._clients import (
     round_trip,
     send_bulk,
 )
-from ._measure import Run, Timing, compare, paired_cpu_difference, paired_ratio, timed
+from ._measure import Run, Timing, paired_cpu_difference, paired_ratio, timed
 from ._report import Result
 
 TASKS = 16
@@ -49,12 +49,7 @@ async def pool_of_16(bench: Bench) -> list[Result]:
             async def raw() -> Run:
                 return (await timed(lambda: on_each(raws, each))).throughput()
 
-            runs = await compare(
-                {"ours": ours, "raw": raw},
-                repeats=bench.repeats,
-                warmups=bench.warmups,
-                limit=bench.limit,
-            )
+            runs = await bench.compare({"ours": ours, "raw": raw})
     finally:
         await close_all(raws)
     ratio = paired_ratio(runs["ours"], runs["raw"])
@@ -87,12 +82,7 @@ async def pool_of_1(bench: Bench) -> list[Result]:
             async def raw() -> Run:
                 return (await timed(lambda: on_each([raw_stream], n))).throughput()
 
-            runs = await compare(
-                {"ours": ours, "raw": raw},
-                repeats=bench.repeats,
-                warmups=bench.warmups,
-                limit=bench.limit,
-            )
+            runs = await bench.compare({"ours": ours, "raw": raw})
     finally:
         await raw_stream.aclose()
     ratio = paired_ratio(runs["ours"], runs["raw"])
@@ -139,12 +129,7 @@ async def contention(bench: Bench) -> list[Result]:
             async def baseline() -> Run:
                 return (await timed(lambda: in_tasks(TASKS, mini_work, each))).throughput()
 
-            runs = await compare(
-                {"ours": ours, "mini": baseline},
-                repeats=bench.repeats,
-                warmups=bench.warmups,
-                limit=bench.limit,
-            )
+            runs = await bench.compare({"ours": ours, "mini": baseline})
     finally:
         await close_all(raws)
     ratio = paired_ratio(runs["ours"], runs["mini"])
@@ -186,12 +171,7 @@ async def checkout(bench: Bench) -> list[Result]:
             async def baseline() -> Run:
                 return (await timed(mini_work)).latency()
 
-            runs = await compare(
-                {"ours": ours, "mini": baseline},
-                repeats=bench.repeats,
-                warmups=bench.warmups,
-                limit=bench.limit,
-            )
+            runs = await bench.compare({"ours": ours, "mini": baseline})
     finally:
         await close_all(raws)
     ratio = paired_ratio(runs["ours"], runs["mini"])
@@ -226,12 +206,7 @@ async def connect_per_request(bench: Bench) -> list[Result]:
         async def baseline() -> Run:
             return (await timed(connect_work)).throughput()
 
-        runs = await compare(
-            {"ours": ours, "connect": baseline},
-            repeats=bench.repeats,
-            warmups=bench.warmups,
-            limit=bench.limit,
-        )
+        runs = await bench.compare({"ours": ours, "connect": baseline})
     ratio = paired_ratio(runs["ours"], runs["connect"])
     return [
         Result(
@@ -261,12 +236,7 @@ async def bulk(bench: Bench) -> list[Result]:
             async def raw() -> Run:
                 return _megabytes(await timed(lambda: send_bulk(raw_stream, total)))
 
-            runs = await compare(
-                {"ours": ours, "raw": raw},
-                repeats=bench.repeats,
-                warmups=bench.warmups,
-                limit=bench.limit,
-            )
+            runs = await bench.compare({"ours": ours, "raw": raw})
     finally:
         await raw_stream.aclose()
     ratio = paired_ratio(runs["ours"], runs["raw"])

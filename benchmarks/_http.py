@@ -15,7 +15,7 @@ from trio_securechannel import open_pool
 
 from ._bench import Bench
 from ._clients import fill, in_tasks
-from ._measure import Run, compare, cpu_spread, paired_ratio, timed
+from ._measure import Run, cpu_spread, paired_ratio, timed
 from ._report import Result
 from ._server import HTTP_BODY
 
@@ -120,12 +120,7 @@ async def peer_http(bench: Bench) -> list[Result]:
         async def httpcore_run() -> Run:
             return (await timed(lambda: in_tasks(TASKS, peer_get, each))).throughput()
 
-        runs = await compare(
-            {"ours": ours, "httpcore": httpcore_run},
-            repeats=bench.repeats,
-            warmups=bench.warmups,
-            limit=bench.limit,
-        )
+        runs = await bench.compare({"ours": ours, "httpcore": httpcore_run})
     ours_cpu, peer_cpu = (cpu_spread(runs[name]) for name in ("ours", "httpcore"))
     assert ours_cpu is not None
     assert peer_cpu is not None

@@ -169,12 +169,7 @@ async def histogram_memory(bench: Bench) -> list[Result]:
         await trio.lowlevel.checkpoint()
         return Run(_traced_bytes(values, few))
 
-    runs = await compare(
-        {"ours": ours, "few": baseline},
-        repeats=bench.repeats,
-        warmups=bench.warmups,
-        limit=bench.limit,
-    )
+    runs = await bench.compare({"ours": ours, "few": baseline})
     ratio = paired_ratio(runs["ours"], runs["few"])
     return [
         Result(

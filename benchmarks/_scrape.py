@@ -16,7 +16,7 @@ from trio_securechannel import SecureChannelPool, open_pool
 from ._bench import Bench
 from ._clients import fill, in_tasks, round_trip
 from ._http import get_close
-from ._measure import Run, Timing, compare, spread, timed
+from ._measure import Run, Timing, spread, timed
 from ._report import Result
 
 CHANNELS = 50
@@ -61,12 +61,7 @@ async def scrape(bench: Bench) -> list[Result]:
         async def over_http() -> Run:
             return _per_scrape(await timed(lambda: _fetch(metrics_address, scrapes)))
 
-        runs = await compare(
-            {"text": render, "http": over_http},
-            repeats=bench.repeats,
-            warmups=bench.warmups,
-            limit=bench.limit,
-        )
+        runs = await bench.compare({"text": render, "http": over_http})
     observed = _round_trip_count(text, pool.config.namespace)
     quick = "" if total >= 10**5 else f"; quick mode: {CHANNELS * each:,} round trips, not 10^5"
     results = []

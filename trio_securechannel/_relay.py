@@ -131,7 +131,7 @@ class Relay:
                     "id": channel.id,
                     "state": "in_use" if channel in slots.in_use else "idle",
                     "age_s": round(now - channel.opened_at, 3),
-                    "handshake_ms": round(channel.handshake_seconds * 1000, 3),
+                    "handshake_ms": _ms(channel.handshake_seconds),
                     "round_trip": channel.round_trips.recent().summary(),
                 }
                 for channel in live
