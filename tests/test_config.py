@@ -16,20 +16,44 @@ from trio_securechannel import Endpoint, PoolConfig
 
 
 @pytest.mark.parametrize(
-    ("target", "host", "port"),
+    ("target", "host", "port", "path"),
     [
-        ("relay.example.com:443", "relay.example.com", 443),
-        ("127.0.0.1:50001", "127.0.0.1", 50001),
-        ("[::1]:8443", "::1", 8443),
-        ("[2001:db8::7]:1", "2001:db8::7", 1),
-        (("electrum.example.org", 50002), "electrum.example.org", 50002),
-        (("::1", 65535), "::1", 65535),
+        ("relay.example.com:443", "relay.example.com", 443, None),
+        ("127.0.0.1:50001", "127.0.0.1", 50001, None),
+        ("[::1]:8443", "::1", 8443, None),
+        ("[2001:db8::7]:1", "2001:db8::7", 1, None),
+        (("electrum.example.org", 50002), "electrum.example.org", 50002, None),
+        (("::1", 65535), "::1", 65535, None),
+        ("tls://relay.example.com:50002", "relay.example.com", 50002, None),
+        ("tls://[::1]:50002", "::1", 50002, None),
+        ("wss://relay.example.com/ws", "relay.example.com", 443, "/ws"),
+        ("wss://relay.example.com", "relay.example.com", 443, "/"),
+        ("wss://relay.example.com:8443/v1/feed?topic=blocks", "relay.example.com", 8443,
+         "/v1/feed?topic=blocks"),  # fmt: skip
+        ("wss://[::1]:9000/", "::1", 9000, "/"),
+        ("wss://127.0.0.1:443/ws", "127.0.0.1", 443, "/ws"),
     ],
 )
-def test_targets_parse(target: sc.Target, host: str, port: int) -> None:
+def test_targets_parse(target: sc.Target, host: str, port: int, path: str | None) -> None:
     endpoint = Endpoint.parse(target)
-    assert (endpoint.host, endpoint.port) == (host, port)
+    assert (endpoint.host, endpoint.port, endpoint.websocket_path) == (host, port, path)
+    assert endpoint.is_websocket == (path is not None)
     assert Endpoint.parse(str(endpoint)) == endpoint  # str() round-trips
+
+
+def test_endpoint_names_and_host_headers() -> None:
+    assert str(Endpoint.parse("tls://relay.example.com:50002")) == "relay.example.com:50002"
+    wss = Endpoint.parse("wss://relay.example.com/ws")
+    assert str(wss) == "wss://relay.example.com:443/ws"
+    assert wss.host_header == "relay.example.com"  # the default port goes unsaid
+    assert Endpoint.parse("wss://[::1]:9000/x").host_header == "[::1]:9000"
+
+
+def test_the_same_relay_twice_is_refused_whatever_the_spelling() -> None:
+    with pytest.raises(ValueError, match="the same relay twice"):
+        sc.open_pool(["tls://relay.example.com:443", ("relay.example.com", 443)])
+    # A raw TLS relay and a WebSocket one on the same port are two relays.
+    sc.open_pool(["relay.example.com:443", "wss://relay.example.com/ws"])
 
 
 @pytest.mark.parametrize(
@@ -44,7 +68,17 @@ def test_targets_parse(target: sc.Target, host: str, port: int) -> None:
         ("::1:443", ValueError, "[addr]:port"),
         ("[::1]443", ValueError, "[v6addr]:port"),
         ("[relay]:443", ValueError, "not an IPv6 address"),
-        ("https://relay.example.com:443", ValueError, "not a URL"),
+        ("https://relay.example.com:443", ValueError, "unsupported scheme 'https'"),
+        ("ws://relay.example.com/ws", ValueError, "plain ws:// is not TLS: use wss://"),
+        ("tls://relay.example.com", ValueError, "missing ':port'"),
+        ("tls://relay.example.com:443/path", ValueError, "port must be a number"),
+        ("wss://user:secret@relay.example.com/ws", ValueError, "credentials"),
+        ("wss://relay.example.com/ws#top", ValueError, "no fragment"),
+        ("wss://relay.example.com:99999/ws", ValueError, "invalid port"),
+        ("wss://relay.example.com:0/ws", ValueError, "out of range"),
+        ("wss:///ws", ValueError, "invalid host"),
+        ("wss://[relay]/ws", ValueError, "malformed URL"),
+        ("wss://relay.example.com/a b", ValueError, "whitespace"),
         ("user@relay:443", ValueError, "invalid host"),
         ("relay..example.com:443", ValueError, "invalid host name"),
         ("x" * 64 + ".example.com:443", ValueError, "invalid host name"),

@@ -5,37 +5,65 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from typing import final
+from urllib.parse import urlsplit
 
-#: What `open_pool` accepts as a target: ``"host:port"``, ``"[v6addr]:port"`` or ``(host, port)``.
+#: What `open_pool` accepts as a target: ``"host:port"``, ``"[v6addr]:port"``,
+#: ``"tls://host:port"``, ``"wss://host[:port]/path"`` or ``(host, port)``.
 Target = str | tuple[str, int]
+
+#: The port a ``wss://`` URL means when it names none.
+WSS_DEFAULT_PORT = 443
 
 
 @final
 @dataclass(frozen=True)
 class Endpoint:
-    """A relay's host and port, validated.
+    """A relay's host and port, validated, and the WebSocket path for ``wss://`` relays.
 
     Attributes:
         host: A DNS name or an IP address (IPv6 without brackets). TLS checks the
             certificate against it, and sends it as SNI when it is a name.
         port: TCP port, 1-65535.
+        websocket_path: For a ``wss://`` relay, the resource its WebSocket upgrade asks
+            for (path and query, at least ``"/"``); None for a raw TLS stream relay.
     """
 
     host: str
     port: int
+    websocket_path: str | None = None
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        if self.websocket_path is None:
+            return address
+        return f"wss://{address}{self.websocket_path}"
+
+    @property
+    def is_websocket(self) -> bool:
+        """True for a ``wss://`` relay: its channels carry WebSocket messages."""
+        return self.websocket_path is not None
+
+    @property
+    def host_header(self) -> str:
+        """What a WebSocket upgrade sends as ``Host``: the port only when not the default."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == WSS_DEFAULT_PORT else f"{host}:{self.port}"
 
     @classmethod
     def parse(cls, target: object, *, field: str = "target") -> Endpoint:
-        """Validate a target given as ``"host:port"``, ``"[v6]:port"`` or ``(host, port)``.
+        """Validate a target given as ``"host:port"``, ``"[v6]:port"``, ``"tls://host:port"``,
+        ``"wss://host[:port][/path]"`` or ``(host, port)``.
 
         Raises:
             TypeError: The target is neither a string nor a ``(host, port)`` tuple.
-            ValueError: The host is empty or malformed, or the port is missing or out of range.
+            ValueError: The host is empty or malformed, the port is missing or out of
+                range, or the URL is not ``tls://`` or ``wss://``.
         """
-        if isinstance(target, str):
+        if isinstance(target, str) and target.startswith("wss://"):
+            return _parse_wss(target, field)
+        if isinstance(target, str) and target.startswith("tls://"):
+            host, port = _split_host_port(target.removeprefix("tls://"), field, target)
+        elif isinstance(target, str):
             host, port = _split_host_port(target, field)
         elif isinstance(target, tuple) and len(target) == 2:
             host, port = target
@@ -54,9 +82,51 @@ class Endpoint:
         return cls(_check_host(host, field, target), _check_port(port, field, target))
 
 
-def _split_host_port(target: str, field: str) -> tuple[str, int]:
+def _parse_wss(target: str, field: str) -> Endpoint:
+    try:
+        url = urlsplit(target)
+    except ValueError as exc:  # e.g. a bracketed host that is not an IPv6 address
+        raise ValueError(f"{field}: malformed URL {target!r}: {exc}") from None
+    if url.username is not None or url.password is not None:
+        raise ValueError(f"{field}: credentials in a relay URL are not supported: {target!r}")
+    if url.fragment or target.endswith("#"):
+        raise ValueError(f"{field}: a WebSocket URL has no fragment: {target!r}")
+    try:
+        port = url.port
+    except ValueError:
+        raise ValueError(f"{field}: invalid port in {target!r}") from None
+    host = url.hostname or ""
+    if url.netloc.startswith("[") and not _is_ipv6(host):
+        raise ValueError(f"{field}: {host!r} in brackets is not an IPv6 address")
+    if ":" in host and not url.netloc.startswith("["):
+        raise ValueError(f"{field}: write IPv6 addresses as '[addr]', got {target!r}")
+    if any(c.isspace() for c in url.path + url.query):
+        raise ValueError(f"{field}: whitespace in the path of {target!r}")
+    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    return Endpoint(
+        _check_host(host, field, target),
+        _check_port(WSS_DEFAULT_PORT if port is None else port, field, target),
+        path,
+    )
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _split_host_port(target: str, field: str, given: str | None = None) -> tuple[str, int]:
+    given = target if given is None else given
     if "://" in target:
-        raise ValueError(f"{field}: expected 'host:port', not a URL: {target!r}")
+        scheme = target.partition("://")[0]
+        hint = " (plain ws:// is not TLS: use wss://)" if scheme == "ws" else ""
+        raise ValueError(
+            f"{field}: unsupported scheme {scheme!r} in {given!r};"
+            f" expected 'host:port', 'tls://host:port' or 'wss://host[:port]/path'{hint}"
+        )
     if target.startswith("["):
         host, sep, rest = target[1:].partition("]")
         if not sep or not rest.startswith(":"):
