@@ -28,8 +28,12 @@ from trio_securechannel import Endpoint, PoolConfig
         ("tls://[::1]:50002", "::1", 50002, None),
         ("wss://relay.example.com/ws", "relay.example.com", 443, "/ws"),
         ("wss://relay.example.com", "relay.example.com", 443, "/"),
-        ("wss://relay.example.com:8443/v1/feed?topic=blocks", "relay.example.com", 8443,
-         "/v1/feed?topic=blocks"),  # fmt: skip
+        (
+            "wss://relay.example.com:8443/v1/feed?topic=blocks",
+            "relay.example.com",
+            8443,
+            "/v1/feed?topic=blocks",
+        ),
         ("wss://[::1]:9000/", "::1", 9000, "/"),
         ("wss://127.0.0.1:443/ws", "127.0.0.1", 443, "/ws"),
     ],

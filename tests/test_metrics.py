@@ -65,9 +65,9 @@ async def busy_pool_metrics(
             with pytest.raises(sc.PoolExhausted):
                 async with pool.connection():
                     pass
-        for channel in list(pool._relay._slots.idle):  # so that the next checkout must connect
-            pool._relay._slots.evict_idle(channel)
-            await pool._relay._retire(channel, "test", graceful=False)
+        for idle in list(pool._relay._slots.idle):  # so that the next checkout must connect
+            pool._relay._slots.evict_idle(idle)
+            await pool._relay._retire(idle, "test", graceful=False)
         relay.mode = "hangup"
         for _ in range(pool.config.breaker_failure_threshold):
             with pytest.raises(sc.ConnectError):

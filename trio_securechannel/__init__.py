@@ -5,6 +5,7 @@ Only the names below are public; the modules behind them are private.
 
 from ._breaker import BreakerEvent as BreakerEvent
 from ._breaker import BreakerState as BreakerState
+from ._channel import Channel as Channel
 from ._channel import SecureChannel as SecureChannel
 from ._config import PoolConfig as PoolConfig
 from ._config import PoolOptions as PoolOptions
@@ -19,6 +20,7 @@ from ._events import EventStream as EventStream
 from ._pool import SecureChannelPool as SecureChannelPool
 from ._pool import open_pool as open_pool
 from ._tls import load_root_store as load_root_store
+from ._websocket import WebSocketChannel as WebSocketChannel
 
 __version__ = "0.1.0.dev0"
 

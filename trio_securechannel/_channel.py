@@ -1,7 +1,14 @@
-"""`SecureChannel`: one pooled TLS connection, a `trio.abc.Stream` over a `trio.SSLStream`."""
+"""Pooled channels: what every kind shares (`Channel`), and `SecureChannel`, a TLS stream.
+
+A channel is one TLS connection to a relay, lent out by a pool. `Channel` keeps its books
+(why it may not be lent again, its errors, round trips and byte counts); `SecureChannel`
+is a `trio.abc.Stream` over the `trio.SSLStream`, and ``_websocket.WebSocketChannel``
+carries WebSocket messages over one.
+"""
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import itertools
 import select
@@ -22,23 +29,15 @@ _channel_ids = itertools.count(1)
 RECENT_ROUND_TRIPS = 8
 
 
-@final
-class SecureChannel(trio.abc.Stream):
-    """A TLS client connection to a relay, lent out by a pool.
-
-    It is a `trio.abc.Stream`: `send_all`, `receive_some`, `wait_send_all_might_not_block`
-    and an idempotent `aclose`. Two tasks sending (or receiving) at once get
-    `trio.BusyResourceError`; after an I/O failure calls raise `trio.BrokenResourceError`,
-    after `aclose` `trio.ClosedResourceError`.
-
-    A channel that saw an error, a cancellation or end-of-file is never lent out again:
-    its TLS state may be mid-record (trio#889) or its peer gone. `spent` says why.
+class Channel(abc.ABC):
+    """What every pooled channel has: its relay, its TLS stream, and its books.
 
     Attributes:
         endpoint: The relay this channel is connected to.
         id: A number unique within the process, for logs.
         opened_at: `trio.current_time()` when the handshake completed.
-        handshake_seconds: How long the TLS handshake took (after the TCP connect).
+        handshake_seconds: How long the handshake took (after the TCP connect): TLS,
+            and for a WebSocket channel the upgrade too.
         spent: Why the channel may not be lent again, or None while it may.
         errors: I/O errors seen on this channel, by kind (counted once per failure).
         round_trips: Latency from a send to the next receive that returns data, in a
@@ -52,15 +51,14 @@ class SecureChannel(trio.abc.Stream):
         ssl_stream: trio.SSLStream[Any],
         endpoint: Endpoint,
         *,
-        on_error: Callable[[SecureChannel, str], None] | None = None,
+        on_error: Callable[[Channel, str], None] | None = None,
         handshake_seconds: float = 0.0,
     ) -> None:
         self._closed = False  # first, so __del__ works whatever happens next
         self._stream = ssl_stream
-
         self._on_error = on_error  # told of each failure as it happens (the pool's breaker)
         #: Why this channel may not be lent again ("error", "cancelled", "eof", "closed",
-        #: "unexpected data", "slow"), or None while it may.
+        #: "unexpected data", "slow", "stale"), or None while it may.
         self.spent: str | None = None
         self.endpoint = endpoint
         self.id = next(_channel_ids)
@@ -73,26 +71,13 @@ class SecureChannel(trio.abc.Stream):
         self._latest_round_trips: deque[float] = deque(maxlen=RECENT_ROUND_TRIPS)
         # When the first send since the last reply began (None: nothing awaits a reply).
         self._awaiting_reply_since: float | None = None
-        # One poll object for the channel's life: the liveness probe at every checkout is
-        # then a single poll() call, with nothing to allocate or register.
-        # SSLObject.pending, looked up once: SSLStream forwards it through __getattr__.
-        self._tls_pending: Callable[[], int] = ssl_stream.pending
-        self._poller: select.poll | None = None
-        self._polled_fd = -1
-        transport = ssl_stream.transport_stream
-        if isinstance(transport, trio.SocketStream) and hasattr(select, "poll"):
-            self._socket = transport.socket
-            self._polled_fd = self._socket.fileno()
-            if self._polled_fd >= 0:
-                self._poller = select.poll()
-                self._poller.register(self._polled_fd, select.POLLIN)
         self.errors: Counter[str] = Counter()
         self.bytes_sent = 0
         self.bytes_received = 0
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else self.spent or "open"
-        return f"<SecureChannel #{self.id} to {self.endpoint} {state}>"
+        return f"<{type(self).__name__} #{self.id} to {self.endpoint} {state}>"
 
     def __del__(self) -> None:
         if not self._closed:
@@ -151,6 +136,74 @@ class SecureChannel(trio.abc.Stream):
         if self.spent is None:
             self.spent = reason
 
+    def _sent(self, started: float, size: int) -> None:
+        """Book a completed send that began at ``started``."""
+        self.bytes_sent += size
+        if size and self._awaiting_reply_since is None:
+            self._awaiting_reply_since = started
+
+    def _received(self, size: int) -> None:
+        """Book a receive that returned data: it answers the first unanswered send."""
+        self.bytes_received += size
+        if self._awaiting_reply_since is not None:
+            elapsed = trio.current_time() - self._awaiting_reply_since
+            self.round_trips.observe(elapsed)
+            self._latest_round_trips.append(elapsed)
+            self.round_trips_total += 1
+            self._awaiting_reply_since = None
+
+    @abc.abstractmethod
+    def has_pending_input(self) -> bool:
+        """True if the relay sent something (data, a close) that nobody has read."""
+
+    @abc.abstractmethod
+    async def absorb_handshake_tail(self) -> None:
+        """Settle a fresh spare before it is pooled (see `SecureChannel`'s)."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Close the channel; idempotent, and forceful if cancelled."""
+
+
+@final
+class SecureChannel(Channel, trio.abc.Stream):
+    """A TLS client connection to a relay, lent out by a pool.
+
+    It is a `trio.abc.Stream`: `send_all`, `receive_some`, `wait_send_all_might_not_block`
+    and an idempotent `aclose`. Two tasks sending (or receiving) at once get
+    `trio.BusyResourceError`; after an I/O failure calls raise `trio.BrokenResourceError`,
+    after `aclose` `trio.ClosedResourceError`.
+
+    A channel that saw an error, a cancellation or end-of-file is never lent out again:
+    its TLS state may be mid-record (trio#889) or its peer gone. `spent` says why.
+    The attributes are `Channel`'s.
+    """
+
+    def __init__(
+        self,
+        ssl_stream: trio.SSLStream[Any],
+        endpoint: Endpoint,
+        *,
+        on_error: Callable[[Channel, str], None] | None = None,
+        handshake_seconds: float = 0.0,
+    ) -> None:
+        super().__init__(
+            ssl_stream, endpoint, on_error=on_error, handshake_seconds=handshake_seconds
+        )
+        # One poll object for the channel's life: the liveness probe at every checkout is
+        # then a single poll() call, with nothing to allocate or register.
+        # SSLObject.pending, looked up once: SSLStream forwards it through __getattr__.
+        self._tls_pending: Callable[[], int] = ssl_stream.pending
+        self._poller: select.poll | None = None
+        self._polled_fd = -1
+        transport = ssl_stream.transport_stream
+        if isinstance(transport, trio.SocketStream) and hasattr(select, "poll"):
+            self._socket = transport.socket
+            self._polled_fd = self._socket.fileno()
+            if self._polled_fd >= 0:
+                self._poller = select.poll()
+                self._poller.register(self._polled_fd, select.POLLIN)
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt and send all of ``data``. See `trio.abc.SendStream.send_all`."""
         started = trio.current_time()
@@ -165,9 +218,7 @@ class SecureChannel(trio.abc.Stream):
             # Cancelled or closed mid-write: a partial TLS record may be on the wire.
             self._spend("cancelled")
             raise
-        self.bytes_sent += len(data) if isinstance(data, bytes) else memoryview(data).nbytes
-        if data and self._awaiting_reply_since is None:
-            self._awaiting_reply_since = started
+        self._sent(started, len(data) if isinstance(data, bytes) else memoryview(data).nbytes)
 
     async def wait_send_all_might_not_block(self) -> None:
         """See `trio.abc.SendStream.wait_send_all_might_not_block`."""
@@ -193,13 +244,7 @@ class SecureChannel(trio.abc.Stream):
             self._spend("cancelled")  # the reply may be half read
             raise
         if data:
-            self.bytes_received += len(data)
-            if self._awaiting_reply_since is not None:
-                elapsed = trio.current_time() - self._awaiting_reply_since
-                self.round_trips.observe(elapsed)
-                self._latest_round_trips.append(elapsed)
-                self.round_trips_total += 1
-                self._awaiting_reply_since = None
+            self._received(len(data))
         else:
             self._spend("eof")  # the peer closed its side
         return data

@@ -1,4 +1,5 @@
-"""Opening a channel: TCP connect and TLS handshake under one deadline."""
+"""Opening a channel: TCP connect, TLS handshake and (``wss://``) WebSocket upgrade under one
+deadline."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from collections.abc import Callable
 
 import trio
 
-from ._channel import SecureChannel
+from ._channel import Channel, SecureChannel
 from ._config import OpenTransport
 from ._endpoint import Endpoint
 from ._errors import ConnectError
+from ._websocket import UpgradeFailed, WebSocketChannel, upgrade
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -23,15 +25,19 @@ async def open_channel(
     *,
     connect_timeout: float,
     open_transport: OpenTransport | None = None,
-    on_error: Callable[[SecureChannel, str], None] | None = None,
-) -> SecureChannel:
+    on_error: Callable[[Channel, str], None] | None = None,
+    nursery: trio.Nursery | None = None,
+) -> Channel:
     """Connect to ``endpoint`` and complete a verified TLS handshake within the timeout.
 
-    Whatever happens before the handshake completes (an error, a timeout, a cancellation),
-    the half-made connection is closed before this returns or raises.
+    For a ``wss://`` endpoint the WebSocket upgrade follows, within the same timeout,
+    and its reader task is started in ``nursery``. Whatever happens before the channel
+    is ready (an error, a timeout, a cancellation), the half-made connection is closed
+    before this returns or raises.
 
     Raises:
-        ConnectError: TCP, DNS or TLS failure, or ``connect_timeout`` ran out.
+        ConnectError: TCP, DNS, TLS or WebSocket upgrade failure, or ``connect_timeout``
+            ran out.
     """
     opener = open_transport or trio.open_tcp_stream
     name = str(endpoint)
@@ -43,6 +49,18 @@ async def open_channel(
                 handshake_began = trio.current_time()
                 ssl_stream = trio.SSLStream(transport, ssl_context, server_hostname=endpoint.host)
                 await ssl_stream.do_handshake()
+                if endpoint.websocket_path is not None:
+                    if nursery is None:
+                        raise RuntimeError("a WebSocket channel needs a nursery for its reader")
+                    connection, reader = await upgrade(ssl_stream, endpoint, nursery)
+                    return WebSocketChannel(
+                        ssl_stream,
+                        endpoint,
+                        connection,
+                        reader,
+                        on_error=on_error,
+                        handshake_seconds=trio.current_time() - handshake_began,
+                    )
             except BaseException:
                 await trio.aclose_forcefully(transport)
                 raise
@@ -53,6 +71,8 @@ async def open_channel(
     except trio.BrokenResourceError as exc:
         cause = exc.__cause__ if isinstance(exc.__cause__, BaseException) else exc
         raise ConnectError(name, "tls", f"TLS handshake failed: {_describe(cause)}") from cause
+    except UpgradeFailed as exc:
+        raise ConnectError(name, "websocket", str(exc)) from exc.__cause__
     except OSError as exc:
         raise ConnectError(name, "tcp", f"TCP connect failed: {_describe(exc)}") from exc
     except Exception as exc:

@@ -44,14 +44,16 @@ class PoolExhausted(SecureChannelError):
 
 @final
 class ConnectError(SecureChannelError):
-    """Opening a channel failed: TCP connect, TLS handshake or ``connect_timeout``.
+    """Opening a channel failed: TCP connect, TLS handshake, WebSocket upgrade or
+    ``connect_timeout``.
 
     ``__cause__`` keeps the underlying error (an `OSError`, an `ssl.SSLError` such as
     `ssl.SSLCertVerificationError`, ...) except for timeouts, which have none.
 
     Attributes:
         endpoint: The relay, as ``host:port``.
-        phase: Where it failed: ``"tcp"`` (connect, DNS), ``"tls"`` (handshake, certificate)
+        phase: Where it failed: ``"tcp"`` (connect, DNS), ``"tls"`` (handshake, certificate),
+            ``"websocket"`` (the upgrade of a ``wss://`` channel was refused or garbled)
             or ``"timeout"`` (``connect_timeout`` ran out).
         reason: One line saying what went wrong.
     """

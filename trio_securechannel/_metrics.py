@@ -64,7 +64,8 @@ class PoolCollector(Collector):
         errors = family(
             CounterMetricFamily,
             "errors",
-            "Failures: connect phases (tcp, tls, timeout) and I/O errors on lent channels (io).",
+            "Failures: connect phases (tcp, tls, websocket, timeout) and errors on lent"
+            " channels (io; ws_close: the relay closed a lent WebSocket).",
             "kind",
         )
         exhausted = family(

@@ -8,13 +8,13 @@ from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, final
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
 
 import trio
 from prometheus_client import CollectorRegistry, generate_latest
 
 from ._breaker import BreakerEvent, BreakerState
-from ._channel import SecureChannel
+from ._channel import Channel, SecureChannel
 from ._config import PoolConfig, PoolOptions
 from ._endpoint import Endpoint, Target
 from ._errors import CircuitOpen, ConnectError, PoolClosed
@@ -24,6 +24,7 @@ from ._metrics import PoolCollector
 from ._relay import Relay
 from ._server import MetricsServer
 from ._tls import load_root_store
+from ._websocket import WebSocketChannel
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -54,7 +55,11 @@ class SecureChannelPool:
     """
 
     def __init__(
-        self, endpoints: Sequence[Endpoint], config: PoolConfig, ssl_context: ssl.SSLContext
+        self,
+        endpoints: Sequence[Endpoint],
+        config: PoolConfig,
+        ssl_context: ssl.SSLContext,
+        nursery: trio.Nursery,
     ) -> None:
         self.endpoints = list(endpoints)
         self.endpoint = self.endpoints[0]
@@ -70,14 +75,17 @@ class SecureChannelPool:
                 ssl_context,
                 breaker_events=self._breaker_events,
                 events=self._events,
+                nursery=nursery,
             )
             for endpoint in self.endpoints
         ]
-        # The fast path of a one-relay pool goes straight to it; with several, the relays
-        # learn their latency for choosing among them.
-        self._only_relay = self._relays[0] if len(self._relays) == 1 else None
-        for relay in self._relays:
-            relay.learns_latency = self._only_relay is None
+        # `connection()` chooses among the raw TLS relays, `websocket()` among the wss://
+        # ones. Where there are several of a kind, they learn their latency for choosing.
+        self._stream_relays = [r for r in self._relays if not r.endpoint.is_websocket]
+        self._websocket_relays = [r for r in self._relays if r.endpoint.is_websocket]
+        for relays in (self._stream_relays, self._websocket_relays):
+            for relay in relays:
+                relay.learns_latency = len(relays) > 1
         self._closed = False
         self._random = random.Random()
         self.metrics_registry = CollectorRegistry(auto_describe=False)
@@ -121,7 +129,7 @@ class SecureChannelPool:
         return self._breaker_events.subscribe()
 
     def connection(self) -> AbstractAsyncContextManager[SecureChannel]:
-        """Check a channel out for the duration of an ``async with`` block.
+        """Check a TLS stream channel out for the duration of an ``async with`` block.
 
         The warmest idle channel is reused (LIFO) after a one-``poll()`` liveness check,
         else a new one is opened, else the call waits its turn (FIFO) for up to
@@ -134,8 +142,30 @@ class SecureChannelPool:
             ConnectError: A new channel was needed and could not be opened (on any relay).
             CircuitOpen: Every relay's breaker is open; nothing was attempted.
             PoolClosed: The pool is shutting down.
+            TypeError: The pool has no raw TLS relays (only ``wss://`` ones).
         """
-        return _Lease(self)
+        if not self._stream_relays:
+            raise TypeError(
+                f"{self!r} has only WebSocket (wss://) relays: check channels out with"
+                " pool.websocket()"
+            )
+        return _Lease(self, self._stream_relays)  # (no _Lease[...] here: that costs a µs)
+
+    def websocket(self) -> AbstractAsyncContextManager[WebSocketChannel]:
+        """Check a WebSocket channel out from the pool's ``wss://`` relays.
+
+        As `connection`, with a `WebSocketChannel`: ``send_message`` and ``get_message``.
+
+        Raises:
+            TypeError: The pool has no ``wss://`` relays.
+            And those of `connection`.
+        """
+        if not self._websocket_relays:
+            raise TypeError(
+                f"{self!r} has no WebSocket (wss://) relays: check channels out with"
+                " pool.connection()"
+            )
+        return _Lease(self, self._websocket_relays)
 
     @property
     def metrics_address(self) -> tuple[str, int] | None:
@@ -146,7 +176,7 @@ class SecureChannelPool:
         """The pool's metrics in the Prometheus text format, as ``/metrics`` serves them."""
         return generate_latest(self.metrics_registry)
 
-    def channels(self) -> list[SecureChannel]:
+    def channels(self) -> list[Channel]:
         """The pool's open channels, idle and lent out, on every relay."""
         return [channel for relay in self._relays for channel in relay.channels()]
 
@@ -195,7 +225,7 @@ class SecureChannelPool:
 
     # -- choosing a relay -----------------------------------------------------------------
 
-    async def _checkout_routed(self) -> tuple[Relay, SecureChannel]:
+    async def _checkout_routed(self, relays: list[Relay]) -> tuple[Relay, Channel]:
         """Checkout across relays: the better of two choices first, the others as fallbacks.
 
         Relays that can serve at once (a warm channel, or room to open one) are tried
@@ -205,15 +235,16 @@ class SecureChannelPool:
         checkout wait, on the best one, for up to ``acquire_timeout``.
         """
         now = trio.current_time()
+        names = ", ".join(str(relay.endpoint) for relay in relays)
         if self._closed:
-            raise PoolClosed(", ".join(map(str, self.endpoints)))
-        candidates = [relay for relay in self._relays if relay.admits(now)]
+            raise PoolClosed(names)
+        candidates = [relay for relay in relays if relay.admits(now)]
         if not candidates:
             # Refused by the pool as a whole: counted once, on the relay back the soonest.
-            soonest = min(self._relays, key=lambda r: r._breaker.retry_after(now) or 0.0)
+            soonest = min(relays, key=lambda r: r._breaker.retry_after(now) or 0.0)
             soonest._breaker.rejected_total += 1
             retry_after = soonest._breaker.retry_after(now) or 0.0
-            raise CircuitOpen(", ".join(map(str, self.endpoints)), retry_after)
+            raise CircuitOpen(names, retry_after)
         ranked = self._ranked(candidates)
         failures: list[ConnectError | CircuitOpen] = []
         for relay in ranked:  # in order of preference, the first that serves at once
@@ -294,34 +325,73 @@ def _merged_latency(relays: list[Relay]) -> dict[str, Any]:
     return {"handshake": handshake, "round_trip": round_trip, "acquire_wait": acquire_wait}
 
 
+ChannelT = TypeVar("ChannelT", bound=Channel)
+
+
 @final
-class _Lease:
-    """``async with pool.connection() as channel``: one checkout and its end."""
+class _ChannelTasks:
+    """The pool's nursery for its channels' own tasks: WebSocket readers, and WebSocket
+    close handshakes (which wait for the relay's reply, so they run here rather than in
+    the task that gave the channel back).
 
-    __slots__ = ("_channel", "_pool", "_relay")
+    At pool exit the channels are closed or closing; these tasks then get
+    ``shutdown_timeout`` to end by themselves before what is left is cancelled.
+    """
 
-    def __init__(self, pool: SecureChannelPool) -> None:
+    def __init__(self) -> None:
+        self._scope = trio.CancelScope()
+        self._draining = trio.Event()
+        self._done = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[trio.Nursery]) -> None:
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    task_status.started(nursery)
+                    await self._draining.wait()
+        finally:
+            self._done.set()
+
+    async def drain(self, patience: float) -> None:
+        self._scope.deadline = trio.current_time() + patience
+        self._draining.set()
+        with trio.CancelScope(shield=True):
+            await self._done.wait()
+
+
+@final
+class _Lease(Generic[ChannelT]):
+    """``async with pool.connection() as channel``: one checkout and its end.
+
+    ``relays`` are those of the kind asked for, whose channels are all ``ChannelT``.
+    """
+
+    __slots__ = ("_channel", "_pool", "_relay", "_relays")
+
+    def __init__(self, pool: SecureChannelPool, relays: list[Relay]) -> None:
         self._pool = pool
+        self._relays = relays
         self._relay: Relay | None = None
-        self._channel: SecureChannel | None = None
+        self._channel: Channel | None = None
 
-    async def __aenter__(self) -> SecureChannel:
+    async def __aenter__(self) -> ChannelT:
         if self._channel is not None:
-            raise RuntimeError("a pool.connection() lease cannot be entered twice")
+            raise RuntimeError("a pool connection lease cannot be entered twice")
         # As trio.Semaphore.acquire does: a cancellation point first, then either the
         # synchronous fast path and a shielded yield, or the general path's own waits.
         await trio.lowlevel.checkpoint_if_cancelled()
-        relay = self._pool._only_relay
-        if relay is not None:
+        relays = self._relays
+        if len(relays) == 1:
+            (relay,) = relays
             channel = relay._take_warm_channel()
             if channel is None:
                 channel = await relay._checkout()
             else:
                 await trio.lowlevel.cancel_shielded_checkpoint()
         else:
-            relay, channel = await self._pool._checkout_routed()
+            relay, channel = await self._pool._checkout_routed(relays)
         self._relay, self._channel = relay, channel
-        return channel
+        return channel  # type: ignore[return-value]  # relays of its kind lend only those
 
     async def __aexit__(
         self,
@@ -394,11 +464,14 @@ async def _run_pool(
     if ssl_context is None:
         # Reading the system's roots is blocking file I/O: keep it off the event loop.
         ssl_context = await trio.to_thread.run_sync(load_root_store)
-    pool = SecureChannelPool(endpoints, config, ssl_context)
     body_error: BaseException | None = None
     background = trio.CancelScope()
-    server = MetricsServer(pool)
+    channel_tasks = _ChannelTasks()
     async with trio.open_nursery() as nursery:
+        pool = SecureChannelPool(
+            endpoints, config, ssl_context, await nursery.start(channel_tasks.run)
+        )
+        server = MetricsServer(pool)
         try:
             nursery.start_soon(pool._run_background, background)
             if config.metrics_port is not None:
@@ -412,6 +485,7 @@ async def _run_pool(
             background.cancel()  # no new spares, passes or timers while closing
             await pool._shutdown()
             await server.stop()  # after the shutdown, so /events clients saw it end
+            await channel_tasks.drain(config.shutdown_timeout)
             nursery.cancel_scope.cancel()
     if body_error is not None:
         raise body_error

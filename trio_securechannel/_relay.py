@@ -16,7 +16,7 @@ from typing import Any, final
 import trio
 
 from ._breaker import BreakerEvent, BreakerState, CircuitBreaker, Trial
-from ._channel import SecureChannel
+from ._channel import Channel
 from ._config import PoolConfig
 from ._connect import open_channel
 from ._endpoint import Endpoint
@@ -26,6 +26,7 @@ from ._latency import Histogram
 from ._slots import CLOSED, Grant, Slots
 from ._stats import PoolStats
 from ._upkeep import Upkeep
+from ._websocket import WebSocketChannel
 
 logger = logging.getLogger("trio_securechannel")
 
@@ -48,8 +49,12 @@ class Relay:
         *,
         breaker_events: EventBus[BreakerEvent],
         events: EventBus[dict[str, Any]],
+        nursery: trio.Nursery,
     ) -> None:
         self.endpoint = endpoint
+        # The pool's nursery for channel tasks (WebSocket readers and close handshakes),
+        # which outlives the shutdown: a close handshake needs its reader.
+        self._nursery = nursery
         self.config = config
         self.ssl_context = ssl_context
         self._slots = Slots(config.max_connections)
@@ -90,7 +95,7 @@ class Relay:
         """The relay's circuit breaker state."""
         return self._breaker.state
 
-    def channels(self) -> list[SecureChannel]:
+    def channels(self) -> list[Channel]:
         """The pool's open channels, idle and lent out."""
         return [*self._slots.idle, *self._slots.in_use]
 
@@ -102,6 +107,7 @@ class Relay:
         errors = stats.errors(slots.in_use)
         return {
             "target": str(self.endpoint),
+            "protocol": "websocket" if self.endpoint.is_websocket else "tls",
             "healthy": self.healthy,
             "closed": slots.closed,
             "connections": {
@@ -140,7 +146,7 @@ class Relay:
 
     # -- checkout -------------------------------------------------------------------------
 
-    def _take_warm_channel(self) -> SecureChannel | None:
+    def _take_warm_channel(self) -> Channel | None:
         """The fast path, synchronous: the warmest idle channel if it is fit, else None.
 
         None sends the checkout down the general path (`_checkout`), which handles an
@@ -159,7 +165,7 @@ class Relay:
         self._upkeep.notice_change()
         return channel
 
-    async def _checkout(self) -> SecureChannel:
+    async def _checkout(self) -> Channel:
         """The general path; the caller has already checked for cancellation."""
         if self._slots.closed:
             raise PoolClosed(str(self.endpoint))
@@ -175,18 +181,18 @@ class Relay:
         else:
             self._stats.acquire_waits.observe_zero()
         self._upkeep.notice_change()
-        if isinstance(grant, SecureChannel) and self._breaker.state is not BreakerState.CLOSED:
+        if isinstance(grant, Channel) and self._breaker.state is not BreakerState.CLOSED:
             # It opened while this checkout waited in line: this checkout started before
             # the opening, but it still gets no traffic through without the breaker's leave.
             return await self._checkout_after_opening(grant)
-        while isinstance(grant, SecureChannel):
+        while isinstance(grant, Channel):
             unfit = self._unfit_reason(grant)
             if unfit is None:
                 await trio.lowlevel.cancel_shielded_checkpoint()  # yield at least once
                 return grant
             dead, grant = grant, self._slots.swap_dead(grant)
             await self._retire(dead, unfit, graceful=False)
-            if isinstance(grant, SecureChannel) and grant not in self._slots.in_use:
+            if isinstance(grant, Channel) and grant not in self._slots.in_use:
                 grant = CLOSED  # a shutdown out of time closed it while we closed the other
         if grant is CLOSED:
             raise PoolClosed(str(self.endpoint))
@@ -201,7 +207,7 @@ class Relay:
                 raise
         return await self.open_in_reserved_slot(trial=trial)
 
-    async def _checkout_after_opening(self, channel: SecureChannel) -> SecureChannel:
+    async def _checkout_after_opening(self, channel: Channel) -> Channel:
         """A waiter was handed ``channel`` but the breaker is no longer closed."""
         try:
             trial = self._breaker.admit(trio.current_time())
@@ -217,14 +223,14 @@ class Relay:
         await self._retire(channel, "trial", graceful=True)
         return await self.open_in_reserved_slot(trial=trial)
 
-    async def _checkout_trial(self, trial: Trial) -> SecureChannel:
+    async def _checkout_trial(self, trial: Trial) -> Channel:
         """A half-open breaker's trial: always on a freshly opened channel."""
         try:
             if not await self.reserve_fresh_slot():
                 grant = await self._wait_turn()  # every slot is lent: wait like anyone
                 if grant is CLOSED:
                     raise PoolClosed(str(self.endpoint))
-                if isinstance(grant, SecureChannel):  # a trial must not reuse one
+                if isinstance(grant, Channel):  # a trial must not reuse one
                     self._slots.trade_for_slot(grant)
                     await self._retire(grant, "trial", graceful=True)
         except BaseException:
@@ -239,7 +245,7 @@ class Relay:
             await self._retire(evicted, "trial", graceful=False)
         return reserved
 
-    async def _wait_turn(self) -> SecureChannel | Grant:
+    async def _wait_turn(self) -> Channel | Grant:
         """Wait in line for a channel or a slot, for up to ``acquire_timeout``.
 
         The waiter parks its task directly (no event, and no cancel scope when the wait
@@ -256,7 +262,7 @@ class Relay:
                 return trio.lowlevel.Abort.SUCCEEDED
 
             if timeout == math.inf:
-                grant: SecureChannel | Grant = await trio.lowlevel.wait_task_rescheduled(abort)
+                grant: Channel | Grant = await trio.lowlevel.wait_task_rescheduled(abort)
                 return grant
             with trio.move_on_after(timeout):
                 grant = await trio.lowlevel.wait_task_rescheduled(abort)
@@ -264,7 +270,7 @@ class Relay:
         self._stats.exhausted_total += 1
         raise PoolExhausted(str(self.endpoint), self.config.max_connections, timeout)
 
-    def _unfit_reason(self, channel: SecureChannel) -> str | None:
+    def _unfit_reason(self, channel: Channel) -> str | None:
         """Why an idle channel must not be lent (None: fit). One poll() when all is well.
 
         Anything the relay sent while the channel sat idle (end-of-file, a reset, a reply
@@ -278,7 +284,7 @@ class Relay:
             return channel.spent  # e.g. closed by a user who kept a reference
         return "stale" if channel.has_pending_input() else None
 
-    async def open_in_reserved_slot(self, *, trial: Trial | None = None) -> SecureChannel:
+    async def open_in_reserved_slot(self, *, trial: Trial | None = None) -> Channel:
         """Open a channel in a slot already reserved in the books; free the slot on failure.
 
         The caller holds the new channel. The outcome is the breaker's to judge, before
@@ -301,6 +307,7 @@ class Relay:
                 connect_timeout=self.config.connect_timeout,
                 open_transport=self.config.open_transport,
                 on_error=self._channel_failed,
+                nursery=self._nursery,
             )
         except BaseException as exc:
             self._slots.open_failed()
@@ -329,7 +336,7 @@ class Relay:
             raise PoolClosed(str(self.endpoint))
         return channel
 
-    async def add_spare(self, channel: SecureChannel) -> None:
+    async def add_spare(self, channel: Channel) -> None:
         """Pool a freshly opened channel nobody asked for yet, once it is quiet."""
         try:
             await channel.absorb_handshake_tail()
@@ -343,11 +350,11 @@ class Relay:
 
     # -- give-back and closing ------------------------------------------------------------
 
-    def _channel_failed(self, channel: SecureChannel, kind: str) -> None:
+    def _channel_failed(self, channel: Channel, kind: str) -> None:
         """A lent channel hit an I/O error: the breaker hears of it before its user does."""
         self._breaker.failed(trio.current_time(), f"{kind} error on {channel!r}")
 
-    def _give_back(self, channel: SecureChannel) -> str | None:
+    def _give_back(self, channel: Channel) -> str | None:
         """The lease ended normally: keep the channel, or say why it must be closed."""
         now = trio.current_time()
         if self._breaker.consecutive_failures and not channel.errors:
@@ -373,7 +380,7 @@ class Relay:
         slots.forget(channel)
         return reason
 
-    def _learn_latency(self, channel: SecureChannel) -> None:
+    def _learn_latency(self, channel: Channel) -> None:
         """Fold the round trips this lease made into the relay's estimate (once each)."""
         fresh = channel.round_trips_total - channel.round_trips_reported
         if fresh <= 0:
@@ -409,7 +416,7 @@ class Relay:
             stats.acquire_waits.recent(),
         )
 
-    async def _discard(self, channel: SecureChannel, exc: BaseException | None) -> None:
+    async def _discard(self, channel: Channel, exc: BaseException | None) -> None:
         """The lease ended with an exception or a cancellation: never reuse the channel."""
         if not channel.errors and not isinstance(exc, trio.Cancelled):
             # The application's own error: the relay did its part.
@@ -419,12 +426,18 @@ class Relay:
         self._slots.forget(channel)
         await self._retire(channel, "error" if channel.errors else "aborted", graceful=False)
 
-    async def _retire(self, channel: SecureChannel, reason: str, *, graceful: bool) -> None:
+    async def _retire(self, channel: Channel, reason: str, *, graceful: bool) -> None:
         """Account for a channel that has left the books, then close it."""
         self.account_for_departure(channel, reason)
-        await self.close_departed(channel, graceful=graceful)
+        if graceful and isinstance(channel, WebSocketChannel):
+            # Its close handshake waits for the relay's close frame: a round trip that
+            # the task giving the channel back should not wait for.
+            self._nursery.start_soon(partial(self.close_departed, channel, graceful=True))
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        else:
+            await self.close_departed(channel, graceful=graceful)
 
-    def account_for_departure(self, channel: SecureChannel, reason: str) -> None:
+    def account_for_departure(self, channel: Channel, reason: str) -> None:
         """Fold a departed channel's figures into the pool's, in the same step that took
         it off the books: totals must never dip while its close is still pending."""
         self._stats.channel_closed(channel, reason)
@@ -439,7 +452,7 @@ class Relay:
         )
         logger.debug("closing %r (%s)", channel, reason)
 
-    async def close_departed(self, channel: SecureChannel, *, graceful: bool) -> None:
+    async def close_departed(self, channel: Channel, *, graceful: bool) -> None:
         """Close a channel already accounted for. Never raises; bounded in time.
 
         Graceful: a TLS close_notify within ``shutdown_timeout``. Otherwise (the channel

@@ -17,7 +17,7 @@ from typing import Final, final
 import outcome
 import trio
 
-from ._channel import SecureChannel
+from ._channel import Channel
 
 
 class Grant(enum.Enum):
@@ -40,7 +40,7 @@ class Waiter:
     def __init__(self, task: trio.lowlevel.Task) -> None:
         self.task = task
 
-    def grant(self, grant: SecureChannel | Grant) -> None:
+    def grant(self, grant: Channel | Grant) -> None:
         trio.lowlevel.reschedule(self.task, outcome.Value(grant))
 
 
@@ -53,8 +53,8 @@ class Slots:
         # Most recently used on the right: reusing the warmest channel keeps few channels
         # busy, so the surplus ages out through idle_timeout (and the oldest are reaped
         # first, from the left).
-        self.idle: deque[SecureChannel] = deque()
-        self.in_use: set[SecureChannel] = set()
+        self.idle: deque[Channel] = deque()
+        self.in_use: set[Channel] = set()
         self.opening = 0
         self.waiters: deque[Waiter] = deque()
         self.closed = False
@@ -69,7 +69,7 @@ class Slots:
         """Everything counted against ``max_connections``, slots being opened included."""
         return len(self.idle) + len(self.in_use) + self.opening
 
-    def try_take(self) -> SecureChannel | Grant | None:
+    def try_take(self) -> Channel | Grant | None:
         """Take the warmest idle channel, else a slot to open one; None means wait."""
         if self.closed:
             return CLOSED
@@ -91,7 +91,7 @@ class Slots:
         self.opening += 1
         return True
 
-    def reserve_fresh(self) -> tuple[bool, SecureChannel | None]:
+    def reserve_fresh(self) -> tuple[bool, Channel | None]:
         """Reserve a slot for a brand-new channel even if idle ones exist (a breaker trial).
 
         When idle channels fill every slot, the longest-idle one is evicted to make room
@@ -114,7 +114,7 @@ class Slots:
         """A waiter gave up (cancelled, timed out) before anything was granted to it."""
         self.waiters.remove(waiter)
 
-    def opened(self, channel: SecureChannel) -> None:
+    def opened(self, channel: Channel) -> None:
         """A slot being opened became ``channel``, held by whoever opened it."""
         self.opening -= 1
         self.in_use.add(channel)
@@ -124,7 +124,7 @@ class Slots:
         self.opening -= 1
         self._pass_on_free_slot()
 
-    def give_back(self, channel: SecureChannel) -> None:
+    def give_back(self, channel: Channel) -> None:
         """A held channel fit for reuse: to the first waiter, else onto the idle stack.
 
         Only while the pool is open; after `close` held channels are forgotten and closed.
@@ -135,17 +135,17 @@ class Slots:
             self.in_use.remove(channel)
             self.idle.append(channel)
 
-    def forget(self, channel: SecureChannel) -> None:
+    def forget(self, channel: Channel) -> None:
         """A held channel leaves the pool (the caller closes it); its slot passes on."""
         self.in_use.remove(channel)
         self._pass_on_free_slot()
 
-    def evict_idle(self, channel: SecureChannel) -> None:
+    def evict_idle(self, channel: Channel) -> None:
         """An idle channel leaves the pool (the caller closes it); its slot passes on."""
         self.idle.remove(channel)
         self._pass_on_free_slot()
 
-    def swap_dead(self, channel: SecureChannel) -> SecureChannel | Grant:
+    def swap_dead(self, channel: Channel) -> Channel | Grant:
         """A held channel turned out dead: keep the holder's turn, give it another or a slot."""
         self.in_use.remove(channel)
         if self.closed:
@@ -157,12 +157,12 @@ class Slots:
         self.opening += 1
         return OPEN
 
-    def trade_for_slot(self, channel: SecureChannel) -> None:
+    def trade_for_slot(self, channel: Channel) -> None:
         """Give up a held channel (the caller closes it) but keep its slot, to open anew."""
         self.in_use.remove(channel)
         self.opening += 1
 
-    def close(self) -> list[SecureChannel]:
+    def close(self) -> list[Channel]:
         """Stop lending: wake every waiter with CLOSED and hand back the idle channels."""
         self.closed = True
         while self.waiters:

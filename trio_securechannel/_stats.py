@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import final
 
-from ._channel import SecureChannel
+from ._channel import Channel
 from ._latency import Histogram, RotatingHistogram
 
 
@@ -37,14 +37,14 @@ class PoolStats:
 
     # -- events ---------------------------------------------------------------------------
 
-    def channel_opened(self, channel: SecureChannel) -> None:
+    def channel_opened(self, channel: Channel) -> None:
         self.opened_total += 1
         self.handshakes.observe(channel.handshake_seconds)
 
     def connect_failed(self, phase: str) -> None:
         self.past_errors[phase] += 1
 
-    def channel_closed(self, channel: SecureChannel, reason: str) -> None:
+    def channel_closed(self, channel: Channel, reason: str) -> None:
         """Fold a departing channel's figures in. Call once per channel."""
         self.closed_by_reason[reason] += 1
         self.past_errors.update(channel.errors)
@@ -53,7 +53,7 @@ class PoolStats:
         for window in channel.round_trips.windows():
             self.past_round_trips.merge(window)
 
-    def rotate(self, now: float, channels: Iterable[SecureChannel]) -> None:
+    def rotate(self, now: float, channels: Iterable[Channel]) -> None:
         """Rotate every window that is due, the pool's and its live channels'."""
         interval = self.rotation_interval
         for rotating, past in (
@@ -70,16 +70,16 @@ class PoolStats:
 
     # -- totals: gone plus live -----------------------------------------------------------
 
-    def errors(self, live: Iterable[SecureChannel]) -> Counter[str]:
+    def errors(self, live: Iterable[Channel]) -> Counter[str]:
         errors = self.past_errors.copy()
         for channel in live:
             errors.update(channel.errors)
         return errors
 
-    def bytes_sent(self, live: Iterable[SecureChannel]) -> int:
+    def bytes_sent(self, live: Iterable[Channel]) -> int:
         return self.past_bytes_sent + sum(channel.bytes_sent for channel in live)
 
-    def bytes_received(self, live: Iterable[SecureChannel]) -> int:
+    def bytes_received(self, live: Iterable[Channel]) -> int:
         return self.past_bytes_received + sum(channel.bytes_received for channel in live)
 
     def cumulative(self, rotating: RotatingHistogram, past: Histogram) -> Histogram:
@@ -89,7 +89,7 @@ class PoolStats:
             total.merge(window)
         return total
 
-    def round_trips_cumulative(self, live: Iterable[SecureChannel]) -> Histogram:
+    def round_trips_cumulative(self, live: Iterable[Channel]) -> Histogram:
         total = Histogram()
         total.merge(self.past_round_trips)
         for channel in live:
@@ -97,7 +97,7 @@ class PoolStats:
                 total.merge(window)
         return total
 
-    def round_trips_recent(self, live: Iterable[SecureChannel]) -> Histogram:
+    def round_trips_recent(self, live: Iterable[Channel]) -> Histogram:
         recent = Histogram()
         for channel in live:
             for window in channel.round_trips.windows():

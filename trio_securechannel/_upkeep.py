@@ -10,9 +10,10 @@ import trio
 
 from ._breaker import CLOSED, HALF_OPEN, Trial
 from ._errors import CircuitOpen, PoolClosed
+from ._websocket import WebSocketChannel
 
 if TYPE_CHECKING:
-    from ._channel import SecureChannel
+    from ._channel import Channel
     from ._relay import Relay
 
 logger = logging.getLogger("trio_securechannel")
@@ -108,7 +109,8 @@ class Upkeep:
         Closes channels past ``max_lifetime``, channels whose relay sent something while
         they sat idle (closed the connection, reset it, or pushed data nobody asked for),
         and channels idle longer than ``idle_timeout`` (longest idle first, never below
-        ``min_idle``).
+        ``min_idle``). Then pings the idle WebSocket channels that remain: one whose pong
+        does not come back within ``connect_timeout`` is stale.
         """
         pool = self._pool
         slots, config = pool._slots, pool.config
@@ -119,8 +121,8 @@ class Upkeep:
             for channel in slots.in_use:
                 if _too_slow(channel, config.max_latency_ms):
                     channel.retire_when_returned("slow")
-        doomed: list[tuple[SecureChannel, str]] = []
-        keepers: list[SecureChannel] = []
+        doomed: list[tuple[Channel, str]] = []
+        keepers: list[Channel] = []
         for channel in slots.idle:  # longest idle first
             reason = pool._unfit_reason(channel)
             if reason is None and config.max_latency_ms is not None:
@@ -145,9 +147,41 @@ class Upkeep:
                 nursery.start_soon(
                     partial(pool.close_departed, channel, graceful=reason != "stale")
                 )
+        await self._ping_idle_websockets()
+
+    async def _ping_idle_websockets(self) -> None:
+        """WebSocket keepalive: a relay that stopped answering is found out while idle."""
+        pool = self._pool
+        idle = [ch for ch in pool._slots.idle if isinstance(ch, WebSocketChannel)]
+        if not idle:
+            return
+        async with trio.open_nursery() as nursery:
+            for channel in idle:
+                nursery.start_soon(_keep_alive, channel, pool.config.connect_timeout)
+        # A channel lent out meanwhile carries its verdict (spent) back with it.
+        slots = pool._slots
+        silent = [ch for ch in idle if not ch.reusable and ch in slots.idle]
+        for channel in silent:
+            slots.evict_idle(channel)
+            pool.account_for_departure(channel, "stale")
+        async with trio.open_nursery() as nursery:
+            for channel in silent:
+                nursery.start_soon(partial(pool.close_departed, channel, graceful=False))
 
 
-def _too_slow(channel: SecureChannel, max_latency_ms: float) -> bool:
+async def _keep_alive(channel: WebSocketChannel, patience: float) -> None:
+    """Ping; a channel whose pong does not come back in time is never lent again."""
+    with trio.move_on_after(patience):
+        try:
+            await channel.ping()
+        except trio.BrokenResourceError:
+            pass
+        else:
+            return
+    channel.retire_when_returned("stale")  # (a timed-out ping has already said so)
+
+
+def _too_slow(channel: Channel, max_latency_ms: float) -> bool:
     """Whether the median of the channel's last few round trips is above the limit."""
     recent = channel.recent_round_trip()
     return recent is not None and recent * 1000 > max_latency_ms

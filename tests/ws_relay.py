@@ -1,0 +1,144 @@
+"""A real WebSocket relay for the tests: trio-websocket's `serve_websocket` over TLS on
+127.0.0.1, and a TCP proxy that can black-hole or reset what passes through it.
+
+The relay echoes messages, and can be told to refuse upgrades, never answer them, or close
+a session on its first message; it records the close code each session ended with.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+from collections import Counter
+from typing import Literal
+
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    serve_websocket,
+)
+
+WSMode = Literal["echo", "refuse", "hold", "close_on_message"]
+
+
+class WebSocketRelay:
+    """Started with ``nursery.start(relay.serve)``; ``url`` is what a pool is given."""
+
+    def __init__(self, server_context: ssl.SSLContext, path: str = "/ws") -> None:
+        self.server_context = server_context
+        self.path = path
+        self.mode: WSMode = "echo"
+        self.echo_delay = 0.0
+        self.port = 0
+        self.upgrades = 0  # upgrade requests seen
+        self.sessions: set[WebSocketConnection] = set()
+        self.max_sessions = 0
+        # How each session ended, as the relay saw it: the client's close code, or 1006
+        # when the connection went without a close frame.
+        self.close_codes: Counter[int] = Counter()
+        self._scope: trio.CancelScope | None = None
+
+    @property
+    def url(self) -> str:
+        return f"wss://127.0.0.1:{self.port}{self.path}"
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as self._scope:
+            async with trio.open_nursery() as nursery:
+                server = await nursery.start(
+                    serve_websocket, self._handle, "127.0.0.1", 0, self.server_context
+                )
+                self.port = server.port
+                task_status.started()
+
+    def stop(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def _handle(self, request: WebSocketRequest) -> None:
+        self.upgrades += 1
+        if self.mode == "refuse":
+            await request.reject(403, body=b"not today")
+            return
+        if self.mode == "hold":
+            await trio.sleep_forever()  # until the relay stops (the proxy sees the client go)
+        session = await request.accept()
+        self.sessions.add(session)
+        self.max_sessions = max(self.max_sessions, len(self.sessions))
+        try:
+            while True:
+                message = await session.get_message()
+                if self.mode == "close_on_message":
+                    await session.aclose(1011, "overloaded")
+                    return
+                if self.echo_delay:
+                    await trio.sleep(self.echo_delay)
+                await session.send_message(message)
+        except ConnectionClosed as exc:
+            self.close_codes[exc.reason.code if exc.reason else 1006] += 1
+        finally:
+            self.sessions.discard(session)
+
+    async def push(self, message: str) -> None:
+        """Send ``message`` unasked on every open session, as a feed would."""
+        for session in list(self.sessions):
+            await session.send_message(message)
+
+    async def close_sessions(self, code: int = 1001) -> None:
+        """Close every open session from the relay's side, as a restarting relay would."""
+        for session in list(self.sessions):
+            await session.aclose(code, "restarting")
+
+
+class Proxy:
+    """A TCP proxy on 127.0.0.1 in front of ``port``: set ``black_hole`` to swallow
+    everything in both directions (the connection stays up), or reset every connection."""
+
+    def __init__(self, port: int) -> None:
+        self.upstream_port = port
+        self.port = 0
+        self.black_hole = False
+        self._clients: set[trio.SocketStream] = set()
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._clients)
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        self._clients.add(client)
+        try:
+            upstream = await trio.open_tcp_stream("127.0.0.1", self.upstream_port)
+            async with client, upstream, trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, client, upstream, nursery.cancel_scope)
+                nursery.start_soon(self._pump, upstream, client, nursery.cancel_scope)
+        finally:
+            self._clients.discard(client)
+
+    async def _pump(
+        self, source: trio.SocketStream, sink: trio.SocketStream, pair: trio.CancelScope
+    ) -> None:
+        try:
+            while data := await source.receive_some():
+                if not self.black_hole:
+                    await sink.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        pair.cancel()  # one side ended: end both
+
+    def reset_connections(self) -> None:
+        """Abort every client connection with a TCP RST."""
+        for client in list(self._clients):
+            if client.socket.fileno() != -1:
+                client.socket.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+                client.socket.close()
