@@ -417,7 +417,7 @@ def open_pool(
     config: PoolConfig | None = None,
     **options: Unpack[PoolOptions],
 ) -> AbstractAsyncContextManager[SecureChannelPool]:
-    """Open a pool of TLS channels for the duration of an ``async with``.
+    """Open a pool of TLS (or WebSocket over TLS) channels for an ``async with`` block.
 
     The pool owns a nursery for its background work (cleanup passes, keeping ``min_idle``
     spares, the breakers' timers, the metrics server). Leaving the block stops new
@@ -425,8 +425,10 @@ def open_pool(
     ``shutdown_timeout`` for lent ones to come back before closing them anyway.
 
     Args:
-        target: ``"host:port"``, ``"[v6addr]:port"`` or ``(host, port)``; or a list of
-            them, for a pool spread over several relays.
+        target: ``"host:port"``, ``"[v6addr]:port"``, ``"tls://host:port"`` or
+            ``(host, port)`` for a relay speaking over raw TLS (`connection`);
+            ``"wss://host[:port]/path"`` for a WebSocket relay (`websocket`); or a list
+            of them, for a pool spread over several relays.
         config: A `PoolConfig` to start from.
         **options: `PoolConfig` fields, overriding ``config``.
 
