@@ -43,3 +43,16 @@ def test_prometheus_config_uses_bearer_credentials() -> None:
     assert "type: Bearer" in text
     assert "credentials_file:" in text
     assert "metrics_path: /metrics" in text
+
+
+async def test_websocket_feed_calls_and_follows_blocks_on_a_held_channel() -> None:
+    import websocket_feed
+
+    results = await websocket_feed.main(url=None)
+    tip = websocket_feed.TIP_HEIGHT
+    assert results["tip"] == results["tip_again"] == {"height": tip}
+    assert results["blocks"] == [{"height": tip + 1}, {"height": tip + 2}]
+    # The feed went quiet after its two blocks, so the held channel came back clean and
+    # served the last call too.
+    assert results["status"]["in_use"] == 0
+    assert results["status"]["opened_total"] == 1

@@ -1,0 +1,110 @@
+"""A block feed over WebSocket (wss://) on a trio_securechannel pool.
+
+Calls are request/reply JSON messages, each on a channel checked out for the call and given
+back at a message boundary. The block subscription keeps its own channel checked out while
+it listens: the relay pushes on that connection, and a pooled channel that received a push
+would be closed as stale.
+
+    python examples/websocket_feed.py                        # against a local stand-in
+    python examples/websocket_feed.py --url wss://relay.example.com/feed
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import ssl
+from typing import Any
+
+import trio
+import trustme
+from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
+
+import trio_securechannel as sc
+
+TIP_HEIGHT = 870_000
+
+
+class FeedClient:
+    """JSON calls and a block subscription over a pool's WebSocket channels."""
+
+    def __init__(self, pool: sc.SecureChannelPool) -> None:
+        self._pool = pool
+        self._ids = itertools.count()
+
+    async def call(self, method: str, **params: Any) -> Any:
+        async with self._pool.websocket() as channel:
+            return await self._request(channel, method, params)
+
+    async def next_blocks(self, count: int) -> list[dict[str, Any]]:
+        """Subscribe, then return the next ``count`` blocks the relay announces."""
+        async with self._pool.websocket() as channel:  # held while we listen
+            await self._request(channel, "subscribe", {"topic": "blocks"})
+            return [json.loads(await channel.get_message()) for _ in range(count)]
+
+    async def _request(self, channel: sc.WebSocketChannel, method: str, params: Any) -> Any:
+        request_id = next(self._ids)
+        await channel.send_message(json.dumps({"id": request_id, "method": method, **params}))
+        reply = json.loads(await channel.get_message())
+        if reply.get("id") != request_id:
+            raise ValueError(f"reply to another request: {reply!r}")
+        return reply["result"]
+
+
+async def main(url: str | None) -> dict[str, Any]:
+    if url is not None:
+        async with sc.open_pool(url) as pool:
+            return await _session(pool)
+    ca = trustme.CA()
+    async with trio.open_nursery() as nursery:
+        port = await _start_standin(nursery, ca)
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        async with sc.open_pool(f"wss://127.0.0.1:{port}/feed", ssl_context=context) as pool:
+            results = await _session(pool)
+        nursery.cancel_scope.cancel()
+    return results
+
+
+async def _session(pool: sc.SecureChannelPool) -> dict[str, Any]:
+    client = FeedClient(pool)
+    results = {
+        "tip": await client.call("tip"),
+        "blocks": await client.next_blocks(2),
+        "tip_again": await client.call("tip"),
+        "status": pool.status()["connections"],
+    }
+    for key, value in results.items():
+        print(f"{key}: {value}")
+    return results
+
+
+async def _start_standin(nursery: trio.Nursery, ca: trustme.CA) -> int:
+    """A relay on 127.0.0.1 answering ``tip`` and announcing two blocks on ``subscribe``."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+
+    async def handle(request: WebSocketRequest) -> None:
+        session = await request.accept()
+        try:
+            while True:
+                call = json.loads(await session.get_message())
+                result = {"height": TIP_HEIGHT} if call["method"] == "tip" else "subscribed"
+                await session.send_message(json.dumps({"id": call["id"], "result": result}))
+                if call["method"] == "subscribe":
+                    for height in (TIP_HEIGHT + 1, TIP_HEIGHT + 2):
+                        await trio.sleep(0.05)
+                        await session.send_message(json.dumps({"height": height}))
+        except ConnectionClosed:
+            pass
+
+    server = await nursery.start(serve_websocket, handle, "127.0.0.1", 0, context)
+    port: int = server.port
+    return port
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", help="a wss:// relay (default: a local stand-in)")
+    trio.run(main, parser.parse_args().url)
