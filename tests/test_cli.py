@@ -83,6 +83,16 @@ async def test_probe_failures_are_one_line(relay: Relay, args: object, words: st
     assert words in lines[0]
 
 
+async def test_probe_of_a_relay_that_does_not_speak_websocket_is_one_line(
+    relay: Relay, ca_file: Path
+) -> None:
+    done = await cli("probe", f"wss://127.0.0.1:{relay.port}/ws", "--cafile", str(ca_file))
+    assert done.returncode == 1
+    lines = done.stderr.decode().splitlines()
+    assert len(lines) == 1, lines
+    assert "WebSocket upgrade failed" in lines[0]
+
+
 async def test_probe_timeout_is_one_line(relay: Relay, ca_file: Path) -> None:
     relay.mode = "silent"
     done = await cli(

@@ -8,12 +8,10 @@ import statistics
 import sys
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
 import trio
 from rich.console import Console
 from rich.table import Table
-from trio_websocket import ConnectionClosed, HandshakeError, wrap_client_stream
 
 import trio_securechannel as sc
 
@@ -23,9 +21,9 @@ def probe(args: argparse.Namespace) -> int:
         report = trio.run(_probe, args)
     except sc.ConnectError as exc:
         return _fail(args, exc.phase, str(exc))
-    except (sc.SecureChannelError, HandshakeError) as exc:
+    except sc.SecureChannelError as exc:
         return _fail(args, "protocol", str(exc))
-    except (trio.BrokenResourceError, trio.TooSlowError, ConnectionClosed) as exc:
+    except (trio.BrokenResourceError, trio.TooSlowError) as exc:
         reason = (
             "no reply within --timeout"
             if isinstance(exc, trio.TooSlowError)
@@ -42,7 +40,7 @@ def probe(args: argparse.Namespace) -> int:
 
 
 async def _probe(args: argparse.Namespace) -> dict[str, Any]:
-    target, path = _parse(args.target)
+    endpoint = sc.Endpoint.parse(args.target)  # ValueError: a usage error
     # Reading the system's roots is file I/O: off the event loop.
     context = await trio.to_thread.run_sync(sc.load_root_store, args.cafile)
     options: dict[str, Any] = {
@@ -51,19 +49,20 @@ async def _probe(args: argparse.Namespace) -> dict[str, Any]:
         "connect_timeout": args.timeout,
         "breaker_failure_threshold": 1000,  # a probe reports failures, it does not back off
     }
-    async with sc.open_pool(target, **options) as pool:
+    async with sc.open_pool(args.target, **options) as pool:
         began = trio.current_time()
-        async with pool.connection() as channel:
+        lease = pool.websocket() if endpoint.is_websocket else pool.connection()
+        async with lease as channel:
             connect_ms = (trio.current_time() - began) * 1000
             report = _tls_facts(channel, connect_ms)
             with trio.fail_after(args.timeout):
-                if path is None:
+                if isinstance(channel, sc.SecureChannel):
                     samples = await _round_trips(channel, args.send.encode() + b"\n", args.count)
                 else:
-                    samples = await _websocket_pings(channel, target, path, args.count)
+                    samples = await _websocket_pings(channel, args.count)
             report["round_trip_ms"] = _percentiles(samples)
-            if path is not None:
-                report["websocket"] = path
+            if endpoint.websocket_path is not None:
+                report["websocket"] = endpoint.websocket_path
     return report
 
 
@@ -78,23 +77,16 @@ async def _round_trips(channel: sc.SecureChannel, payload: bytes, count: int) ->
     return samples
 
 
-async def _websocket_pings(
-    channel: sc.SecureChannel, target: Any, path: str, count: int
-) -> list[float]:
-    host = sc.Endpoint.parse(target).host
+async def _websocket_pings(channel: sc.WebSocketChannel, count: int) -> list[float]:
     samples = []
-    async with trio.open_nursery() as nursery:
-        # trio-websocket's annotation names its own stream types; any trio Stream works.
-        ws = await wrap_client_stream(nursery, channel, host, path)  # type: ignore[arg-type]
-        for _ in range(count):
-            began = time.perf_counter()
-            await ws.ping()  # returns when the pong comes back
-            samples.append((time.perf_counter() - began) * 1000)
-        await ws.aclose()
+    for _ in range(count):
+        began = time.perf_counter()
+        await channel.ping()  # returns when the pong comes back
+        samples.append((time.perf_counter() - began) * 1000)
     return samples
 
 
-def _tls_facts(channel: sc.SecureChannel, connect_ms: float) -> dict[str, Any]:
+def _tls_facts(channel: sc.Channel, connect_ms: float) -> dict[str, Any]:
     stream = channel.ssl_stream
     cert = stream.getpeercert() or {}
     cipher = stream.cipher()
@@ -124,16 +116,6 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
     return {"count": len(ordered), "min": round(ordered[0], 3), "p50": pick(0.5),
             "p90": pick(0.9), "p99": pick(0.99), "max": round(ordered[-1], 3),
             "mean": round(statistics.fmean(ordered), 3)}  # fmt: skip
-
-
-def _parse(text: str) -> tuple[Any, str | None]:
-    """A pool target, and the WebSocket path for ``wss://`` URLs (None otherwise)."""
-    if "://" not in text:
-        return text, None
-    url = urlsplit(text)
-    if url.scheme != "wss" or not url.hostname:
-        raise ValueError(f"target: only host:port or wss://host[:port]/path, got {text!r}")
-    return (url.hostname, url.port or 443), url.path or "/"
 
 
 def _print(report: dict[str, Any]) -> None:
