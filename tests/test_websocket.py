@@ -366,6 +366,26 @@ async def test_keepalive_pings_find_a_black_holed_relay(
         assert pool.status()["errors_total"] == 0  # a keepalive miss is not an I/O error
 
 
+async def test_the_periodic_cleanup_pass_does_the_keepalive(
+    ws_relay: WebSocketRelay, proxy: Proxy, client_context: ssl.SSLContext
+) -> None:
+    async with sc.open_pool(
+        proxied_url(proxy),
+        ssl_context=client_context,
+        min_idle=1,
+        connect_timeout=0.3,
+        cleanup_interval=0.2,
+        shutdown_timeout=0.2,
+    ) as pool:
+        await wait_until(lambda: books(pool)["idle"] == 1)
+        await trio.sleep(0.5)  # passes come and go: the pongs come back
+        assert closed_by(pool) == {}
+        proxy.black_hole = True
+        await wait_until(lambda: closed_by(pool) == {"stale": 1}, within=2)
+        proxy.black_hole = False  # the spare keeper replaces it
+        await wait_until(lambda: books(pool)["idle"] == 1 and books(pool)["opened_total"] == 2)
+
+
 async def test_a_channel_lent_while_its_ping_goes_unanswered_is_not_pooled_again(
     ws_relay: WebSocketRelay, proxy: Proxy, client_context: ssl.SSLContext
 ) -> None:
