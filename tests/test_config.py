@@ -36,6 +36,9 @@ from trio_securechannel import Endpoint, PoolConfig
         ),
         ("wss://[::1]:9000/", "::1", 9000, "/"),
         ("wss://127.0.0.1:443/ws", "127.0.0.1", 443, "/ws"),
+        ("WSS://relay.example.com/ws", "relay.example.com", 443, "/ws"),
+        ("TLS://relay.example.com:50002", "relay.example.com", 50002, None),
+        ("wss://relay.example.com/a%20b", "relay.example.com", 443, "/a%20b"),
     ],
 )
 def test_targets_parse(target: sc.Target, host: str, port: int, path: str | None) -> None:
@@ -51,6 +54,9 @@ def test_endpoint_names_and_host_headers() -> None:
     assert str(wss) == "wss://relay.example.com:443/ws"
     assert wss.host_header == "relay.example.com"  # the default port goes unsaid
     assert Endpoint.parse("wss://[::1]:9000/x").host_header == "[::1]:9000"
+    assert Endpoint.parse("wss://127.0.0.1:8443/x").host_header == "127.0.0.1:8443"
+    # The name as DNS and TLS use it, not the Unicode form.
+    assert Endpoint.parse("wss://bücher.example/ws").host_header == "xn--bcher-kva.example"
 
 
 def test_the_same_relay_twice_is_refused_whatever_the_spelling() -> None:
@@ -83,6 +89,11 @@ def test_the_same_relay_twice_is_refused_whatever_the_spelling() -> None:
         ("wss:///ws", ValueError, "invalid host"),
         ("wss://[relay]/ws", ValueError, "malformed URL"),
         ("wss://relay.example.com/a b", ValueError, "whitespace"),
+        ("wss://relay.exa\nmple.com/ws", ValueError, "control character"),
+        ("wss://relay.example.com/w\ts", ValueError, "control character"),
+        ("wss://relay.example.com/bücher", ValueError, "non-ASCII path"),
+        ("wss://[fe80::1%25eth0]/ws", ValueError, "invalid host"),  # no zone IDs
+        ("relay%eth0:443", ValueError, "invalid host"),
         ("user@relay:443", ValueError, "invalid host"),
         ("relay..example.com:443", ValueError, "invalid host name"),
         ("x" * 64 + ".example.com:443", ValueError, "invalid host name"),

@@ -45,8 +45,16 @@ class Endpoint:
 
     @property
     def host_header(self) -> str:
-        """What a WebSocket upgrade sends as ``Host``: the port only when not the default."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        """What a WebSocket upgrade sends as ``Host``: the ASCII (IDNA) form of the name,
+        and the port only when not the default."""
+        if ":" in self.host:
+            host = f"[{self.host}]"
+        else:
+            try:
+                ipaddress.ip_address(self.host)
+                host = self.host
+            except ValueError:
+                host = self.host.encode("idna").decode("ascii")
         return host if self.port == WSS_DEFAULT_PORT else f"{host}:{self.port}"
 
     @classmethod
@@ -59,10 +67,11 @@ class Endpoint:
             ValueError: The host is empty or malformed, the port is missing or out of
                 range, or the URL is not ``tls://`` or ``wss://``.
         """
-        if isinstance(target, str) and target.startswith("wss://"):
+        scheme = target[:6].lower() if isinstance(target, str) else ""
+        if isinstance(target, str) and scheme == "wss://":
             return _parse_wss(target, field)
-        if isinstance(target, str) and target.startswith("tls://"):
-            host, port = _split_host_port(target.removeprefix("tls://"), field, target)
+        if isinstance(target, str) and scheme == "tls://":
+            host, port = _split_host_port(target[6:], field, target)
         elif isinstance(target, str):
             host, port = _split_host_port(target, field)
         elif isinstance(target, tuple) and len(target) == 2:
@@ -83,6 +92,9 @@ class Endpoint:
 
 
 def _parse_wss(target: str, field: str) -> Endpoint:
+    # urlsplit silently drops tabs and newlines: refuse them (and all whitespace) first.
+    if any(c.isspace() or not c.isprintable() for c in target):
+        raise ValueError(f"{field}: whitespace or a control character in {target!r}")
     try:
         url = urlsplit(target)
     except ValueError as exc:  # e.g. a bracketed host that is not an IPv6 address
@@ -100,9 +112,9 @@ def _parse_wss(target: str, field: str) -> Endpoint:
         raise ValueError(f"{field}: {host!r} in brackets is not an IPv6 address")
     if ":" in host and not url.netloc.startswith("["):
         raise ValueError(f"{field}: write IPv6 addresses as '[addr]', got {target!r}")
-    if any(c.isspace() for c in url.path + url.query):
-        raise ValueError(f"{field}: whitespace in the path of {target!r}")
     path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    if not path.isascii():  # it goes into the upgrade request as it is
+        raise ValueError(f"{field}: non-ASCII path in {target!r}: percent-encode it")
     return Endpoint(
         _check_host(host, field, target),
         _check_port(WSS_DEFAULT_PORT if port is None else port, field, target),
@@ -148,7 +160,7 @@ def _split_host_port(target: str, field: str, given: str | None = None) -> tuple
 
 
 def _check_host(host: str, field: str, target: object) -> str:
-    if not host or host != host.strip() or any(c in host for c in "/@?#[] \t"):
+    if not host or host != host.strip() or any(c in host for c in "/@?#[]% \t"):
         raise ValueError(f"{field}: invalid host {host!r} in {target!r}")
     try:
         ipaddress.ip_address(host)
