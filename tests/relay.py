@@ -15,7 +15,7 @@ from typing import Any, Literal
 import trio
 import trio.testing
 
-Mode = Literal["echo", "hangup", "silent", "refuse"]
+Mode = Literal["echo", "hangup", "silent", "refuse", "drop_after_handshake"]
 
 
 class _TLSEchoServer:
@@ -70,6 +70,9 @@ class _TLSEchoServer:
             finally:
                 self.handshaking -= 1
             self.handshakes += 1
+            if self.mode == "drop_after_handshake":
+                await trio.aclose_forcefully(stream)  # accepts, then serves nobody
+                return
             if self.tickets_right_away and stream._delayed_outgoing:
                 await stream.transport_stream.send_all(stream._delayed_outgoing)
                 stream._delayed_outgoing = None

@@ -247,7 +247,7 @@ async def test_io_errors_on_lent_channels_open_the_breaker(
     client_context: ssl.SSLContext,
 ) -> None:
     # Three channels lent at once all break when the relay drops them: three failures in a
-    # row (a completed handshake in between would count as a success and reset the count).
+    # row.
     states_seen_by_callers: list[BreakerState] = []
     async with memory_pool(memory_relay, client_context, breaker_failure_threshold=3) as pool:
         all_lent = trio.Event()
@@ -278,6 +278,35 @@ async def test_io_errors_on_lent_channels_open_the_breaker(
         with pytest.raises(sc.CircuitOpen):
             async with pool.connection():
                 pass
+
+
+async def test_a_relay_that_completes_handshakes_but_serves_nobody_opens_the_breaker(
+    autojump_clock: trio.testing.MockClock,
+    memory_relay: MemoryRelay,
+    client_context: ssl.SSLContext,
+) -> None:
+    # Each handshake succeeds, each session dies at once: a handshake alone does not
+    # reset the count (only a lease served without error does), so the breaker opens.
+    memory_relay.mode = "drop_after_handshake"
+    async with memory_pool(memory_relay, client_context, breaker_failure_threshold=3) as pool:
+        for failures in (1, 2, 3):
+            with pytest.raises(trio.BrokenResourceError):
+                await use_once(pool)
+            assert pool.status()["breaker"]["consecutive_failures"] == failures
+        assert pool.breaker_state is OPEN
+        with pytest.raises(sc.CircuitOpen):
+            await use_once(pool)
+        assert memory_relay.handshakes == 3
+        memory_relay.mode = "echo"
+        await trio.sleep(pool.config.breaker_cooldown)
+        await use_once(pool)  # the trial's handshake closes the breaker, the lease works
+        assert pool.breaker_state is CLOSED
+        assert pool.status()["breaker"]["consecutive_failures"] == 0
+
+
+async def use_once(pool: sc.SecureChannelPool) -> None:
+    async with pool.connection() as channel:
+        assert await echo(channel, b"x") == b"x"
 
 
 async def test_a_checkout_waiting_in_line_when_the_breaker_opens_does_not_connect(

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from http_client import request
 from prometheus_client.parser import text_string_to_metric_families
 
 import trio_securechannel as sc
 
 from helpers import books, echo
+from http_client import request
 from relay import MemoryRelay, Relay
 
 REQUIRED = {

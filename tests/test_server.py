@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 import trio
-from http_client import raw_exchange, request
 from trio_websocket import ConnectionClosed, open_websocket_url, wrap_client_stream
 
 import trio_securechannel as sc
 import trio_securechannel._server as server_module
 
 from helpers import echo
+from http_client import raw_exchange, request
 from relay import Relay
 
 TOKEN = "s3cr3t-t0ken-for-tests"

@@ -6,19 +6,25 @@ channels, plus what only they have: upgrade refusals, ping/pong keepalive and cl
 
 from __future__ import annotations
 
+import logging
 import ssl
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 import trio
 from trio_websocket import ConnectionRejected
-from ws_relay import Proxy, WebSocketRelay
+from wsproto import WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Message, TextMessage
 
 import trio_securechannel as sc
 
 from conftest import make_server_context
 from helpers import books, wait_until
 from relay import Relay
+from ws_relay import Proxy, ScriptedRelay, WebSocketRelay, accept, next_message
+
+TLS = trio.SSLStream[trio.SocketStream]
 
 
 @pytest.fixture
@@ -493,3 +499,232 @@ async def test_websocket_checkouts_fail_over_to_a_relay_that_accepts(
         assert states == {refusing.url: "open", ws_relay.url: "closed"}
         assert refusing.upgrades == 2  # then its breaker kept checkouts away
     refusing.stop()
+
+
+async def test_an_empty_message_awaits_its_reply_too(
+    ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+) -> None:
+    ws_relay.echo_delay = 0.1
+    async with sc.open_pool(ws_relay.url, ssl_context=client_context) as pool:
+        async with pool.websocket() as first:
+            await first.send_message("")  # a real frame, whose (empty) reply is coming
+            assert first.unanswered
+        async with pool.websocket() as second:
+            assert second is not first
+            assert await call(second, "mine") == "mine"
+        assert closed_by(pool) == {"unanswered": 1}
+
+
+async def test_a_message_the_reader_has_not_read_yet_makes_the_channel_stale(
+    ws_relay: WebSocketRelay, proxy: Proxy, client_context: ssl.SSLContext
+) -> None:
+    async with sc.open_pool(proxied_url(proxy), ssl_context=client_context) as pool:
+        async with pool.websocket() as first:
+            assert await call(first, "subscribe") == "subscribe"
+        proxy.hold = True
+        await ws_relay.push("for the last user")
+        await wait_until(lambda: bool(proxy._held))
+        proxy.hold = False
+        proxy.deliver_held_now()  # in the socket, and no task of ours has run since
+        time.sleep(0.02)  # (loopback delivery)  # noqa: ASYNC251 - on purpose: nothing may run
+        assert first._connection.messages_arrived == 1  # the reader has not seen it
+        assert first.has_pending_input()
+        async with pool.websocket() as second:
+            assert second is not first
+            assert await call(second, "mine") == "mine"
+        assert closed_by(pool) == {"stale": 1}
+
+
+async def test_a_message_half_received_makes_the_channel_stale(
+    nursery: trio.Nursery, client_context: ssl.SSLContext
+) -> None:
+    first_half_sent = trio.Event()
+
+    async def echo_then_push_in_two_parts(stream: TLS, ws: WSConnection) -> None:
+        await accept(stream, ws)
+        while isinstance(message := await next_message(stream, ws), Message):
+            await stream.send_all(ws.send(TextMessage(data=message.data)))
+            if message.data == "subscribe":
+                await stream.send_all(ws.send(TextMessage(data="pushed ", message_finished=False)))
+                first_half_sent.set()
+                await trio.sleep(0.2)
+                await stream.send_all(ws.send(TextMessage(data="late", message_finished=True)))
+
+    relay = ScriptedRelay(make_server_context(), echo_then_push_in_two_parts)
+    await nursery.start(relay.serve)
+    async with sc.open_pool(relay.url, ssl_context=client_context) as pool:
+        async with pool.websocket() as first:
+            assert await call(first, "subscribe") == "subscribe"
+        await first_half_sent.wait()
+        await wait_until(lambda: first._connection.message_in_progress)
+        assert first.has_pending_input()
+        async with pool.websocket() as second:
+            assert second is not first
+            assert await call(second, "mine") == "mine"
+        assert closed_by(pool) == {"stale": 1}
+
+
+async def test_a_relay_that_accepts_and_then_closes_every_session_opens_its_breaker(
+    nursery: trio.Nursery, ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+) -> None:
+    closing = WebSocketRelay(make_server_context())
+    await nursery.start(closing.serve)
+    closing.mode = "close_on_message"
+    # Alone, it opens its breaker after exactly the threshold: the upgrades succeeded,
+    # but an upgrade is not a success the breaker counts.
+    async with sc.open_pool(
+        closing.url, ssl_context=client_context, breaker_failure_threshold=3
+    ) as pool:
+        for _ in range(3):
+            with pytest.raises(trio.BrokenResourceError):
+                await call_once(pool)
+        with pytest.raises(sc.CircuitOpen):
+            await call_once(pool)
+        assert closing.upgrades == 3
+    # Beside a good relay, it gets little traffic (an error weighs as a slow round trip),
+    # and once its breaker opens, none.
+    failures = 0
+    async with sc.open_pool(
+        [closing.url, ws_relay.url], ssl_context=client_context, breaker_failure_threshold=3
+    ) as pool:
+        for _ in range(400):
+            try:
+                await call_once(pool)
+            except trio.BrokenResourceError:
+                failures += 1  # lent, then closed: reaches its caller, by design
+        states = {e["target"]: e["breaker"]["state"] for e in pool.status()["endpoints"]}
+        assert states[closing.url] == "open"
+        assert failures == 3
+    closing.stop()
+
+
+async def call_once(pool: sc.SecureChannelPool) -> None:
+    async with pool.websocket() as channel:
+        assert await call(channel, "ask") == "ask"
+
+
+async def test_a_relay_that_closes_right_after_the_upgrade_is_a_connect_failure(
+    nursery: trio.Nursery, ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+) -> None:
+    async def accept_and_close(stream: TLS, ws: WSConnection) -> None:
+        await stream.send_all(ws.send(AcceptConnection()) + ws.send(CloseConnection(1013)))
+        await next_message(stream, ws)
+
+    relay = ScriptedRelay(make_server_context(), accept_and_close)
+    await nursery.start(relay.serve)
+    async with sc.open_pool(relay.url, ssl_context=client_context) as pool:
+        with pytest.raises(sc.ConnectError, match="closed the WebSocket right after the upgrade"):
+            async with pool.websocket():
+                pytest.fail("no channel was lent")
+    # With another relay to go to, the caller sees nothing of it.
+    async with sc.open_pool([relay.url, ws_relay.url], ssl_context=client_context) as pool:
+        for _ in range(5):
+            async with pool.websocket() as channel:
+                assert await call(channel, "ok") == "ok"
+
+
+async def test_a_relay_pinging_inside_its_close_handshake_does_not_stall_the_close(
+    nursery: trio.Nursery, client_context: ssl.SSLContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def echo_and_ping_while_closing(stream: TLS, ws: WSConnection) -> None:
+        await accept(stream, ws)
+        while isinstance(message := await next_message(stream, ws), Message):
+            await stream.send_all(ws.send(TextMessage(data=message.data)))
+        relay.close_codes[message.code if message else 1006] += 1
+        if isinstance(message, CloseConnection):
+            # Legal (control frames may come before the close reply), though wsproto
+            # would not send it: a raw ping frame, payload "?".
+            await stream.send_all(b"\x89\x01?")
+            await trio.sleep(0.05)
+            await stream.send_all(ws.send(message.response()))
+
+    relay = ScriptedRelay(make_server_context(), echo_and_ping_while_closing)
+    await nursery.start(relay.serve)
+    async with sc.open_pool(relay.url, ssl_context=client_context, shutdown_timeout=3) as pool:
+        async with pool.websocket() as channel:
+            assert await call(channel, "x") == "x"
+        began = trio.current_time()
+    assert trio.current_time() - began < 0.5  # not shutdown_timeout
+    assert relay.close_codes == {1000: 1}
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_a_keepalive_on_a_connection_that_dies_returns_at_once(
+    nursery: trio.Nursery,
+    ws_relay: WebSocketRelay,
+    proxy: Proxy,
+    client_context: ssl.SSLContext,
+) -> None:
+    async with sc.open_pool(
+        proxied_url(proxy), ssl_context=client_context, connect_timeout=3, cleanup_interval=60
+    ) as pool:
+        async with pool.websocket() as first:
+            assert await call(first, "one") == "one"
+        proxy.black_hole = True
+
+        async def reset_soon() -> None:
+            await trio.sleep(0.1)
+            proxy.reset_connections()
+
+        nursery.start_soon(reset_soon)
+        began = trio.current_time()
+        await pool._relay._upkeep.clean()  # its ping is out when the connection dies
+        assert trio.current_time() - began < 1  # not connect_timeout
+        assert closed_by(pool) == {"stale": 1}
+        with pytest.raises(trio.ClosedResourceError):
+            await first.ping()
+
+
+async def test_a_websocket_closing_in_the_background_still_holds_its_slot(
+    nursery: trio.Nursery, ws_relay: WebSocketRelay, proxy: Proxy, client_context: ssl.SSLContext
+) -> None:
+    most_connections = 0
+
+    async def watch_the_relay() -> None:
+        nonlocal most_connections
+        while True:
+            most_connections = max(most_connections, proxy.open_connections)
+            await trio.sleep(0.005)
+
+    async def lift_the_black_hole() -> None:
+        await trio.sleep(0.1)
+        proxy.black_hole = False  # (the close frame it swallowed is gone for good)
+
+    nursery.start_soon(watch_the_relay)
+    async with sc.open_pool(
+        proxied_url(proxy),
+        ssl_context=client_context,
+        max_connections=1,
+        shutdown_timeout=0.5,
+        acquire_timeout=5,
+    ) as pool:
+        async with pool.websocket() as channel:
+            await channel.send_message("unanswered")
+            proxy.black_hole = True  # its close handshake will hang
+        assert books(pool)["closing"] == 1
+        nursery.start_soon(lift_the_black_hole)
+        began = trio.current_time()
+        async with pool.websocket() as second:  # waits for the close to give up
+            assert trio.current_time() - began == pytest.approx(0.5, abs=0.2)
+            assert await call(second, "two") == "two"
+    assert most_connections == 1
+
+
+async def test_the_exit_takes_no_longer_than_shutdown_timeout(
+    nursery: trio.Nursery, ws_relay: WebSocketRelay, proxy: Proxy, client_context: ssl.SSLContext
+) -> None:
+    async def give_back_late(task_status: trio.TaskStatus[None]) -> None:
+        async with pool.websocket() as lent:
+            await lent.send_message("unanswered")
+            task_status.started()
+            await wait_until(lambda: pool.closed)
+            proxy.black_hole = True
+            await trio.sleep(0.5)  # given back halfway through the shutdown
+
+    async with sc.open_pool(
+        proxied_url(proxy), ssl_context=client_context, shutdown_timeout=1
+    ) as pool:
+        await nursery.start(give_back_late)
+        began = trio.current_time()
+    assert trio.current_time() - began == pytest.approx(1, abs=0.3)
+    assert reader_tasks() == []

@@ -74,6 +74,19 @@ class Channel(abc.ABC):
         self.errors: Counter[str] = Counter()
         self.bytes_sent = 0
         self.bytes_received = 0
+        # One poll object for the channel's life: the liveness probe at every checkout is
+        # then a single poll() call, with nothing to allocate or register.
+        # SSLObject.pending, looked up once: SSLStream forwards it through __getattr__.
+        self._tls_pending: Callable[[], int] = ssl_stream.pending
+        self._poller: select.poll | None = None
+        self._polled_fd = -1
+        transport = ssl_stream.transport_stream
+        if isinstance(transport, trio.SocketStream) and hasattr(select, "poll"):
+            self._socket = transport.socket
+            self._polled_fd = self._socket.fileno()
+            if self._polled_fd >= 0:
+                self._poller = select.poll()
+                self._poller.register(self._polled_fd, select.POLLIN)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else self.spent or "open"
@@ -136,10 +149,11 @@ class Channel(abc.ABC):
         if self.spent is None:
             self.spent = reason
 
-    def _sent(self, started: float, size: int) -> None:
-        """Book a completed send that began at ``started``."""
+    def _sent(self, started: float, size: int, *, message: bool = False) -> None:
+        """Book a completed send that began at ``started``: it awaits a reply if it
+        carried bytes, or was a message (even an empty one)."""
         self.bytes_sent += size
-        if size and self._awaiting_reply_since is None:
+        if (size or message) and self._awaiting_reply_since is None:
             self._awaiting_reply_since = started
 
     def _received(self, size: int) -> None:
@@ -151,6 +165,19 @@ class Channel(abc.ABC):
             self._latest_round_trips.append(elapsed)
             self.round_trips_total += 1
             self._awaiting_reply_since = None
+
+    def _unread_bytes(self) -> bool:
+        """True if bytes (or end-of-file) wait in TLS or on the socket, unread."""
+        if self._tls_pending():
+            return True
+        if self._poller is not None:
+            if self._socket.fileno() != self._polled_fd:
+                return True  # closed under us (the fd may already serve another socket)
+            return bool(self._poller.poll(0))
+        transport = self._stream.transport_stream
+        if isinstance(transport, trio.SocketStream):  # no poll() here (Windows): select()
+            return transport.socket.fileno() == -1 or transport.socket.is_readable()
+        return False
 
     @abc.abstractmethod
     def has_pending_input(self) -> bool:
@@ -190,19 +217,6 @@ class SecureChannel(Channel, trio.abc.Stream):
         super().__init__(
             ssl_stream, endpoint, on_error=on_error, handshake_seconds=handshake_seconds
         )
-        # One poll object for the channel's life: the liveness probe at every checkout is
-        # then a single poll() call, with nothing to allocate or register.
-        # SSLObject.pending, looked up once: SSLStream forwards it through __getattr__.
-        self._tls_pending: Callable[[], int] = ssl_stream.pending
-        self._poller: select.poll | None = None
-        self._polled_fd = -1
-        transport = ssl_stream.transport_stream
-        if isinstance(transport, trio.SocketStream) and hasattr(select, "poll"):
-            self._socket = transport.socket
-            self._polled_fd = self._socket.fileno()
-            if self._polled_fd >= 0:
-                self._poller = select.poll()
-                self._poller.register(self._polled_fd, select.POLLIN)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt and send all of ``data``. See `trio.abc.SendStream.send_all`."""
@@ -267,18 +281,7 @@ class SecureChannel(Channel, trio.abc.Stream):
         Costs one ``poll()`` on the socket: cheap enough for every checkout. Streams not
         backed by a socket (custom transports) report only what TLS has buffered.
         """
-        if self._closed:
-            return True  # nothing to read, and certainly not fit to lend
-        if self._tls_pending():
-            return True
-        if self._poller is not None:
-            if self._socket.fileno() != self._polled_fd:
-                return True  # closed under us (the fd may already serve another socket)
-            return bool(self._poller.poll(0))
-        transport = self._stream.transport_stream
-        if isinstance(transport, trio.SocketStream):  # no poll() here (Windows): select()
-            return transport.socket.fileno() == -1 or transport.socket.is_readable()
-        return False
+        return self._closed or self._unread_bytes()
 
     async def absorb_handshake_tail(self) -> None:
         """Read what a TLS 1.3 server sends right after the handshake.

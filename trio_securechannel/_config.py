@@ -35,7 +35,9 @@ class PoolConfig:
         namespace: Prefix of the pool's metric names.
         max_connections: Hard bound on channels open at once: idle, in use and being opened.
         min_idle: Channels kept open and ready, refilled in the background.
-        connect_timeout: Seconds allowed for TCP connect plus TLS handshake.
+        connect_timeout: Seconds allowed for TCP connect plus TLS handshake (plus the
+            WebSocket upgrade for ``wss://``); also how long a WebSocket keepalive ping
+            waits for its pong.
         acquire_timeout: Seconds a checkout may wait for a channel when all are in use;
             0 fails at once with `PoolExhausted`, ``math.inf`` waits as long as it takes.
         idle_timeout: Idle channels beyond ``min_idle`` are closed after this many seconds.

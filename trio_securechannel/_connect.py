@@ -52,12 +52,11 @@ async def open_channel(
                 if endpoint.websocket_path is not None:
                     if nursery is None:
                         raise RuntimeError("a WebSocket channel needs a nursery for its reader")
-                    connection, reader = await upgrade(ssl_stream, endpoint, nursery)
+                    connection = await upgrade(ssl_stream, endpoint, nursery)
                     return WebSocketChannel(
                         ssl_stream,
                         endpoint,
                         connection,
-                        reader,
                         on_error=on_error,
                         handshake_seconds=trio.current_time() - handshake_began,
                     )
@@ -65,8 +64,9 @@ async def open_channel(
                 await trio.aclose_forcefully(transport)
                 raise
     except trio.TooSlowError:
+        session = "WebSocket" if endpoint.is_websocket else "TLS"
         raise ConnectError(
-            name, "timeout", f"no TLS session within connect_timeout={connect_timeout:g}s"
+            name, "timeout", f"no {session} session within connect_timeout={connect_timeout:g}s"
         ) from None
     except trio.BrokenResourceError as exc:
         cause = exc.__cause__ if isinstance(exc.__cause__, BaseException) else exc

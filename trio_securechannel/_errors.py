@@ -51,7 +51,7 @@ class ConnectError(SecureChannelError):
     `ssl.SSLCertVerificationError`, ...) except for timeouts, which have none.
 
     Attributes:
-        endpoint: The relay, as ``host:port``.
+        endpoint: The relay, as ``host:port`` (or its ``wss://`` URL).
         phase: Where it failed: ``"tcp"`` (connect, DNS), ``"tls"`` (handshake, certificate),
             ``"websocket"`` (the upgrade of a ``wss://`` channel was refused or garbled)
             or ``"timeout"`` (``connect_timeout`` ran out).

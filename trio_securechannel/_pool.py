@@ -154,7 +154,9 @@ class SecureChannelPool:
     def websocket(self) -> AbstractAsyncContextManager[WebSocketChannel]:
         """Check a WebSocket channel out from the pool's ``wss://`` relays.
 
-        As `connection`, with a `WebSocketChannel`: ``send_message`` and ``get_message``.
+        As `connection`, with a `WebSocketChannel` (``send_message``, ``get_message``).
+        An idle channel is lent only if nothing arrived on it: no message or part of
+        one, no close, no bytes the reader has not read yet.
 
         Raises:
             TypeError: The pool has no ``wss://`` relays.
@@ -334,8 +336,8 @@ class _ChannelTasks:
     close handshakes (which wait for the relay's reply, so they run here rather than in
     the task that gave the channel back).
 
-    At pool exit the channels are closed or closing; these tasks then get
-    ``shutdown_timeout`` to end by themselves before what is left is cancelled.
+    At pool exit the channels are closed or closing; these tasks then get what is left of
+    ``shutdown_timeout`` to end by themselves before they are cancelled.
     """
 
     def __init__(self) -> None:
@@ -352,8 +354,8 @@ class _ChannelTasks:
         finally:
             self._done.set()
 
-    async def drain(self, patience: float) -> None:
-        self._scope.deadline = trio.current_time() + patience
+    async def drain(self, deadline: float) -> None:
+        self._scope.deadline = deadline
         self._draining.set()
         with trio.CancelScope(shield=True):
             await self._done.wait()
@@ -484,10 +486,11 @@ async def _run_pool(
             # (this includes a metrics port that cannot be bound).
             body_error = exc
         finally:
+            exit_deadline = trio.current_time() + config.shutdown_timeout
             background.cancel()  # no new spares, passes or timers while closing
             await pool._shutdown()
             await server.stop()  # after the shutdown, so /events clients saw it end
-            await channel_tasks.drain(config.shutdown_timeout)
+            await channel_tasks.drain(exit_deadline)
             nursery.cancel_scope.cancel()
     if body_error is not None:
         raise body_error

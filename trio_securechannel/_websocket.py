@@ -1,23 +1,20 @@
 """`WebSocketChannel`: WebSocket messages over one pooled TLS connection (trio-websocket).
 
-The upgrade runs over the channel's own `trio.SSLStream` with trio-websocket's
-client-over-a-stream API. Its reader task runs in the pool's nursery, guarded: a relay
-that refuses the upgrade or breaks the protocol ends that one channel, never the pool.
+The upgrade runs over the channel's own `trio.SSLStream` with trio-websocket's client
+connection. Its reader task runs in the pool's nursery, guarded: a relay that refuses the
+upgrade or breaks the protocol ends that one channel, never the pool.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, cast, final
+from collections.abc import Callable
+from typing import Any, final
 
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    ConnectionRejected,
-    WebSocketConnection,
-    wrap_client_stream,
-)
+import wsproto
+from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ._channel import Channel
 from ._endpoint import Endpoint
@@ -50,8 +47,7 @@ class WebSocketChannel(Channel):
         self,
         ssl_stream: trio.SSLStream[Any],
         endpoint: Endpoint,
-        connection: WebSocketConnection,
-        reader: GuardedNursery,
+        connection: PooledConnection,
         *,
         on_error: Callable[[Channel, str], None] | None = None,
         handshake_seconds: float = 0.0,
@@ -60,7 +56,7 @@ class WebSocketChannel(Channel):
             ssl_stream, endpoint, on_error=on_error, handshake_seconds=handshake_seconds
         )
         self._connection = connection
-        self._reader = reader
+        self._messages_taken = 0
         self.subprotocol = connection.subprotocol
 
     async def send_message(self, message: str | bytes) -> None:
@@ -76,7 +72,8 @@ class WebSocketChannel(Channel):
             # Cancelled mid-write: a partial frame may be on the wire.
             self._spend("cancelled")
             raise
-        self._sent(started, len(message.encode() if isinstance(message, str) else message))
+        size = len(message.encode() if isinstance(message, str) else message)
+        self._sent(started, size, message=True)
 
     async def get_message(self) -> str | bytes:
         """Wait for the next message from the relay.
@@ -88,6 +85,7 @@ class WebSocketChannel(Channel):
             message = await self._connection.get_message()
         except ConnectionClosed as exc:
             raise self._closed_error(exc) from exc
+        self._messages_taken += 1
         self._received(len(message.encode() if isinstance(message, str) else message))
         return message
 
@@ -100,7 +98,7 @@ class WebSocketChannel(Channel):
             return trio.BrokenResourceError(f"connection to {self.endpoint} lost")
         self._fail("ws_close")
         detail = f"{reason.code} {reason.name}" + (f": {reason.reason}" if reason.reason else "")
-        return trio.BrokenResourceError(f"{self.endpoint} closed the WebSocket ({detail})")
+        return trio.BrokenResourceError(f"the WebSocket to {self.endpoint} closed ({detail})")
 
     async def ping(self) -> None:
         """Send a WebSocket ping and wait for its pong (the pool's keepalive uses this).
@@ -110,21 +108,35 @@ class WebSocketChannel(Channel):
         channel ``spent`` as ``"stale"``: the relay may be gone, or the ping half sent.
 
         Raises:
-            trio.BrokenResourceError: The WebSocket is closed.
+            trio.BrokenResourceError: The WebSocket is closed, or closed meanwhile.
+            trio.ClosedResourceError: This channel was closed.
         """
+        if self._closed:
+            raise trio.ClosedResourceError("this channel was closed")
+        connection = self._connection
         try:
-            await self._connection.ping()
+            await connection.ping()
         except ConnectionClosed:
             raise trio.BrokenResourceError(f"the WebSocket to {self.endpoint} is closed") from None
         except BaseException:
             self._spend("stale")
             raise
+        if connection.reader_done:  # released by the reader's end, not by a pong
+            raise trio.BrokenResourceError(f"the WebSocket to {self.endpoint} is closed")
 
     def has_pending_input(self) -> bool:
-        """True once the WebSocket is closing or closed, or a message waits unread."""
-        if self._closed or self._reader.finished or self._connection.closed is not None:
-            return True
-        return _queued_messages(self._connection) > 0
+        """True once the WebSocket is closing or closed, or the relay sent a message (or
+        part of one, or bytes not read yet) that nobody has taken."""
+        connection = self._connection
+        return (
+            self._closed
+            or connection.reader_done
+            or connection.closed is not None
+            or connection.messages_arrived > self._messages_taken
+            or connection.message_in_progress
+            # Not read yet: perhaps a ping or a pong, but there is no telling.
+            or self._unread_bytes()
+        )
 
     async def absorb_handshake_tail(self) -> None:
         """Nothing to do: the reader task already consumes what follows the handshake."""
@@ -143,82 +155,101 @@ class WebSocketChannel(Channel):
         try:
             await self._connection.aclose()
         finally:
-            # A forceful close skips this, and a reader blocked handing over a message
-            # nobody will read would never notice the stream is gone.
-            _message_queue(self._connection).close()
+            self._connection.stop_delivery()
             # trio-websocket leaves the stream open when the relay closed first.
             await self._stream.aclose()
 
 
-def _message_queue(connection: WebSocketConnection) -> trio.MemoryReceiveChannel[Any]:
-    # trio-websocket has no public way to ask whether a message is queued, or to stop
-    # delivery: its queue is a trio memory channel (there since 0.9), so use that.
-    return connection._recv_channel
+class PooledConnection(WebSocketConnection):
+    """trio-websocket's client connection, with what a pool needs from it.
 
+    trio-websocket 0.12 has no public API for these, so they use its internals (and
+    pyproject pins it below 0.13; the tests cover each):
 
-def _queued_messages(connection: WebSocketConnection) -> int:
-    return _message_queue(connection).statistics().current_buffer_used
-
-
-class GuardedNursery:
-    """The pool's nursery, as trio-websocket sees it: every task it starts there (its
-    reader) runs guarded, so an exception ends this connection only.
-
-    ``opening`` is the scope the upgrade waits in: when the reader ends before the
-    upgrade completed, it is cancelled, since the wait would otherwise last forever.
+    * counting the data messages (and fragments) the reader receives, so that a message
+      that reached an idle channel is seen at checkout;
+    * a reader guarded so its exception ends this connection only, and whose end
+      releases whoever waits on it (the upgrade, a close handshake, pings), which
+      trio-websocket leaves waiting when its reader dies;
+    * stopping delivery, so a reader blocked handing over a message nobody will read
+      notices the stream is gone.
     """
 
-    def __init__(self, nursery: trio.Nursery, stream: trio.SSLStream[Any], name: str) -> None:
-        self._nursery = nursery
-        self._stream = stream
-        self._name = name
-        self.error: Exception | None = None
-        self.finished = False
-        self.opening: trio.CancelScope | None = None
+    def __init__(self, stream: trio.SSLStream[Any], endpoint: Endpoint) -> None:
+        assert endpoint.websocket_path is not None
+        super().__init__(
+            stream,
+            wsproto.WSConnection(wsproto.ConnectionType.CLIENT),
+            host=endpoint.host_header,
+            path=endpoint.websocket_path,
+        )
+        self.endpoint = endpoint
+        self.messages_arrived = 0
+        self.message_in_progress = False
+        self.reader_done = False
+        self.reader_error: Exception | None = None
 
-    def start_soon(
-        self, async_fn: Callable[..., Awaitable[object]], *args: object, name: object = None
+    async def _handle_message_event(
+        self, event: wsproto.events.BytesMessage | wsproto.events.TextMessage
     ) -> None:
-        self._nursery.start_soon(self._guarded, async_fn, args, name=self._name)
+        # Every fragment of every data message comes through here.
+        self.message_in_progress = not event.message_finished
+        if event.message_finished:
+            self.messages_arrived += 1
+        await super()._handle_message_event(event)
 
-    async def _guarded(
-        self, async_fn: Callable[..., Awaitable[object]], args: tuple[object, ...]
-    ) -> None:
+    async def run_reader(self) -> None:
+        """trio-websocket's reader task, guarded; in the pool's nursery."""
         try:
-            await async_fn(*args)
+            await self._reader_task()
         except Exception as exc:
-            self.error = exc
-            if self.opening is None:
-                logger.warning("%s: WebSocket reader failed: %r", self._name, exc)
+            self.reader_error = exc
+            if self._open_handshake.is_set():  # (before that, the upgrade reports it)
+                level = logging.DEBUG if self.closed is not None else logging.WARNING
+                logger.log(level, "WebSocket reader for %s failed: %r", self.endpoint, exc)
             await trio.aclose_forcefully(self._stream)
         finally:
-            self.finished = True
-            if self.opening is not None:
-                self.opening.cancel()
+            self.reader_done = True
+            self._open_handshake.set()
+            self._close_handshake.set()
+            for waiting in self._pings.values():
+                waiting.set()
+            self._pings.clear()
+
+    def stop_delivery(self) -> None:
+        self._recv_channel.close()
+
+    async def upgraded(self) -> None:
+        """Wait for the upgrade to complete, or the reader to end first."""
+        await self._open_handshake.wait()
 
 
 async def upgrade(
     ssl_stream: trio.SSLStream[Any], endpoint: Endpoint, nursery: trio.Nursery
-) -> tuple[WebSocketConnection, GuardedNursery]:
+) -> PooledConnection:
     """Run the WebSocket upgrade over ``ssl_stream``; the reader task goes to ``nursery``.
 
     Raises:
         UpgradeFailed: The relay refused the upgrade, answered something else, or closed
-            the connection first.
+            the connection (or the WebSocket) first.
     """
-    assert endpoint.websocket_path is not None
-    reader = GuardedNursery(nursery, ssl_stream, f"WebSocket reader for {endpoint}")
-    with trio.CancelScope() as reader.opening:
-        connection = await wrap_client_stream(
-            cast(trio.Nursery, reader), ssl_stream, endpoint.host_header, endpoint.websocket_path
-        )
-        reader.opening = None
-        return connection, reader
-    # The reader ended (and cancelled the wait) before the upgrade completed.
-    reader.opening = None
-    error = reader.error
+    connection = PooledConnection(ssl_stream, endpoint)
+    nursery.start_soon(connection.run_reader, name=f"WebSocket reader for {endpoint}")
+    await connection.upgraded()
+    error = connection.reader_error
     if isinstance(error, ConnectionRejected):
         raise UpgradeFailed(f"WebSocket upgrade refused: HTTP {error.status_code}") from error
     if error is not None:
-        raise UpgradeFailed(f"WebSocket upgrade failed: {error!r}") from error
-    raise UpgradeFailed("the relay closed the connection during the WebSocket upgrade")
+        raise UpgradeFailed(f"WebSocket upgrade failed: {_describe(error)}") from error
+    if connection.reader_done:
+        raise UpgradeFailed("the relay closed the connection during the WebSocket upgrade")
+    if connection.closed is not None:  # the close came with the upgrade's answer
+        code = connection.closed
+        raise UpgradeFailed(f"the relay closed the WebSocket right after the upgrade ({code})")
+    return connection
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, LocalProtocolError | RemoteProtocolError):
+        return f"not a WebSocket upgrade answer ({error})"
+    return repr(error)
