@@ -154,6 +154,16 @@ def test_bad_targets_are_rejected_at_call_time(
         ({"metrics_host": ""}, ValueError, "metrics_host"),
         ({"metrics_auth_token": ""}, ValueError, "metrics_auth_token must be non-empty"),
         ({"metrics_auth_token": 12345}, TypeError, "metrics_auth_token must be a str"),
+        ({"websocket_headers": "Authorization: x"}, TypeError, "mapping or (name, value) pairs"),
+        ({"websocket_headers": [("X-Key",)]}, TypeError, "a (name, value) pair"),
+        ({"websocket_headers": {"X Key": "1"}}, ValueError, "invalid header name 'X Key'"),
+        ({"websocket_headers": {"Sec-WebSocket-Protocol": "a"}}, ValueError, "set by the"),
+        ({"websocket_headers": {"Host": "elsewhere"}}, ValueError, "set by the WebSocket"),
+        ({"websocket_headers": {"X-Key": "a\r\nInjected: 1"}}, ValueError, "printable ASCII"),
+        ({"websocket_headers": {"X-Key": 7}}, ValueError, "value of 'X-Key'"),
+        ({"websocket_subprotocols": "jsonrpc"}, TypeError, "sequence of names"),
+        ({"websocket_subprotocols": ["json rpc"]}, ValueError, "invalid subprotocol name"),
+        ({"websocket_max_message_size": 0}, ValueError, "websocket_max_message_size must be"),
     ],
 )
 def test_bad_options_are_rejected_at_call_time(
@@ -225,3 +235,19 @@ def test_errors_survive_pickling(error: sc.SecureChannelError) -> None:
     assert type(copy) is type(error)
     assert str(copy) == str(error)
     assert copy.__dict__ == error.__dict__
+
+
+def test_websocket_headers_are_kept_as_pairs_and_out_of_reprs() -> None:
+    config = PoolConfig(
+        websocket_headers={"Authorization": "Bearer hunter2", "X-Client": "wallet/1.0"},
+        websocket_subprotocols=["jsonrpc", "v2.relay"],
+    )
+    assert config.websocket_headers == (
+        ("Authorization", "Bearer hunter2"),
+        ("X-Client", "wallet/1.0"),
+    )
+    assert config.websocket_subprotocols == ("jsonrpc", "v2.relay")
+    assert "hunter2" not in repr(config)
+    with pytest.raises(ValueError, match="value of 'Authorization'") as info:
+        PoolConfig(websocket_headers=[("Authorization", "Bearer hunter2\n")])
+    assert "hunter2" not in str(info.value)  # a malformed secret is still a secret

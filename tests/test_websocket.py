@@ -728,3 +728,42 @@ async def test_the_exit_takes_no_longer_than_shutdown_timeout(
         began = trio.current_time()
     assert trio.current_time() - began == pytest.approx(1, abs=0.3)
     assert reader_tasks() == []
+
+
+async def test_upgrade_headers_and_subprotocols_reach_the_relay(
+    ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+) -> None:
+    ws_relay.subprotocol = "v2.relay"
+    async with sc.open_pool(
+        ws_relay.url,
+        ssl_context=client_context,
+        websocket_headers={"Authorization": "Bearer hunter2"},
+        websocket_subprotocols=["v3.relay", "v2.relay"],
+    ) as pool:
+        async with pool.websocket() as channel:
+            assert channel.subprotocol == "v2.relay"
+            assert await call(channel, "hi") == "hi"
+        assert ws_relay.request_headers["authorization"] == "Bearer hunter2"
+        assert ws_relay.offered_subprotocols == ("v3.relay", "v2.relay")
+        assert "hunter2" not in repr(pool.config) + str(pool.status())
+
+
+async def test_a_message_over_the_size_limit_closes_the_websocket(
+    ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+) -> None:
+    big = "x" * 5000
+    async with sc.open_pool(
+        ws_relay.url, ssl_context=client_context, websocket_max_message_size=4096
+    ) as pool:
+        with pytest.raises(trio.BrokenResourceError, match="1009"):
+            await call_big(pool, big)
+        assert closed_by(pool) == {"error": 1}
+    async with sc.open_pool(
+        ws_relay.url, ssl_context=client_context, websocket_max_message_size=8192
+    ) as pool:
+        await call_big(pool, big)
+
+
+async def call_big(pool: sc.SecureChannelPool, message: str) -> None:
+    async with pool.websocket() as channel:
+        assert await call(channel, message) == message

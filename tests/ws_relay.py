@@ -40,6 +40,9 @@ class WebSocketRelay:
         self.echo_delay = 0.0
         self.port = 0
         self.upgrades = 0  # upgrade requests seen
+        self.request_headers: dict[str, str] = {}  # the last upgrade request's
+        self.offered_subprotocols: tuple[str, ...] = ()
+        self.subprotocol: str | None = None  # chosen when offered
         self.sessions: set[WebSocketConnection] = set()
         self.max_sessions = 0
         # How each session ended, as the relay saw it: the client's close code, or 1006
@@ -66,12 +69,15 @@ class WebSocketRelay:
 
     async def _handle(self, request: WebSocketRequest) -> None:
         self.upgrades += 1
+        self.request_headers = {k.decode().lower(): v.decode() for k, v in request.headers}
+        self.offered_subprotocols = request.proposed_subprotocols
         if self.mode == "refuse":
             await request.reject(403, body=b"not today")
             return
         if self.mode == "hold":
             await trio.sleep_forever()  # until the relay stops (the proxy sees the client go)
-        session = await request.accept()
+        chosen = self.subprotocol if self.subprotocol in self.offered_subprotocols else None
+        session = await request.accept(subprotocol=chosen)
         self.sessions.add(session)
         self.max_sessions = max(self.max_sessions, len(self.sessions))
         try:

@@ -6,9 +6,9 @@ import dataclasses
 import math
 import re
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypedDict, final
+from typing import TYPE_CHECKING, Any, TypedDict, cast, final
 
 import trio
 
@@ -21,6 +21,17 @@ if TYPE_CHECKING:
 OpenTransport = Callable[[str, int], Awaitable[trio.abc.Stream]]
 
 _METRIC_PREFIX = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
+# An HTTP token (RFC 9110): header names and WebSocket subprotocols.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# Headers the WebSocket upgrade sets itself.
+_UPGRADE_HEADERS = frozenset(
+    ["host", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version",
+     "sec-websocket-accept", "sec-websocket-protocol", "sec-websocket-extensions",
+     "content-length", "transfer-encoding"]
+)  # fmt: skip
+
+#: Extra headers for the WebSocket upgrade: a mapping or ``(name, value)`` pairs.
+Headers = Mapping[str, str] | Sequence[tuple[str, str]]
 
 
 @final
@@ -60,6 +71,13 @@ class PoolConfig:
         metrics_host: Address the metrics server listens on.
         metrics_auth_token: When set, ``/metrics``, ``/status`` and ``/events`` require it,
             as ``X-Auth-Token: <token>`` or ``Authorization: Bearer <token>``.
+        websocket_headers: Extra headers for the upgrade of ``wss://`` channels (a
+            mapping or ``(name, value)`` pairs), e.g. ``{"Authorization": "Bearer ..."}``;
+            kept as pairs, and out of reprs and logs.
+        websocket_subprotocols: Subprotocols the upgrade offers, in order of preference
+            (`WebSocketChannel.subprotocol` says which the relay chose).
+        websocket_max_message_size: Largest message accepted from a relay, in bytes (or
+            characters); a larger one closes the channel's WebSocket (1009).
     """
 
     ssl_context: ssl.SSLContext | None = None
@@ -81,6 +99,9 @@ class PoolConfig:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     metrics_auth_token: str | None = field(default=None, repr=False)  # never in reprs or logs
+    websocket_headers: Headers = field(default=(), repr=False)  # may carry credentials
+    websocket_subprotocols: Sequence[str] = ()
+    websocket_max_message_size: int = 1 << 20
 
     def __post_init__(self) -> None:
         if self.ssl_context is not None:
@@ -137,6 +158,17 @@ class PoolConfig:
                     "metrics_auth_token must be non-empty printable text without surrounding"
                     " spaces; omit it (None) for no authentication"
                 )
+        # Frozen: normalised copies go in with object.__setattr__.
+        object.__setattr__(self, "websocket_headers", _check_headers(self.websocket_headers))
+        object.__setattr__(
+            self, "websocket_subprotocols", _check_subprotocols(self.websocket_subprotocols)
+        )
+        _check_int("websocket_max_message_size", self.websocket_max_message_size, minimum=1)
+
+    def websocket_header_pairs(self) -> list[tuple[bytes, bytes]]:
+        """``websocket_headers`` as the upgrade sends them."""
+        pairs = cast("tuple[tuple[str, str], ...]", self.websocket_headers)  # (normalised)
+        return [(name.encode("ascii"), value.encode("ascii")) for name, value in pairs]
 
     def replace(self, **options: Unpack[PoolOptions]) -> PoolConfig:
         """Return a copy with some options changed (validated like a new config).
@@ -169,6 +201,49 @@ class PoolOptions(TypedDict, total=False):
     metrics_port: int | None
     metrics_host: str
     metrics_auth_token: str | None
+    websocket_headers: Headers
+    websocket_subprotocols: Sequence[str]
+    websocket_max_message_size: int
+
+
+def _check_headers(headers: object) -> tuple[tuple[str, str], ...]:
+    if isinstance(headers, Mapping):
+        headers = list(headers.items())
+    if isinstance(headers, str | bytes) or not isinstance(headers, Sequence):
+        raise TypeError(
+            f"websocket_headers must be a mapping or (name, value) pairs,"
+            f" got {type(headers).__name__}"
+        )
+    pairs = []
+    for pair in headers:
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            raise TypeError("websocket_headers: each header must be a (name, value) pair")
+        name, value = pair
+        if not isinstance(name, str) or not _TOKEN.match(name):
+            raise ValueError(f"websocket_headers: invalid header name {name!r}")
+        if name.lower() in _UPGRADE_HEADERS:
+            raise ValueError(
+                f"websocket_headers: {name!r} is set by the WebSocket upgrade itself"
+                " (subprotocols go in websocket_subprotocols)"
+            )
+        # The value is not echoed: it may be a credential.
+        if not isinstance(value, str) or not value.isascii() or not value.isprintable():
+            raise ValueError(
+                f"websocket_headers: the value of {name!r} must be printable ASCII text"
+            )
+        pairs.append((name, value))
+    return tuple(pairs)
+
+
+def _check_subprotocols(subprotocols: object) -> tuple[str, ...]:
+    if isinstance(subprotocols, str | bytes) or not isinstance(subprotocols, Sequence):
+        raise TypeError(
+            f"websocket_subprotocols must be a sequence of names, got {type(subprotocols).__name__}"
+        )
+    for name in subprotocols:
+        if not isinstance(name, str) or not _TOKEN.match(name):
+            raise ValueError(f"websocket_subprotocols: invalid subprotocol name {name!r}")
+    return tuple(subprotocols)
 
 
 def _known_options(options: dict[str, Any] | PoolOptions) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import trio
 
 from ._channel import Channel, SecureChannel
-from ._config import OpenTransport
+from ._config import OpenTransport, PoolConfig
 from ._endpoint import Endpoint
 from ._errors import ConnectError
 from ._websocket import UpgradeFailed, WebSocketChannel, upgrade
@@ -27,11 +27,13 @@ async def open_channel(
     open_transport: OpenTransport | None = None,
     on_error: Callable[[Channel, str], None] | None = None,
     nursery: trio.Nursery | None = None,
+    config: PoolConfig | None = None,
 ) -> Channel:
     """Connect to ``endpoint`` and complete a verified TLS handshake within the timeout.
 
     For a ``wss://`` endpoint the WebSocket upgrade follows, within the same timeout,
-    and its reader task is started in ``nursery``. Whatever happens before the channel
+    and its reader task is started in ``nursery``; ``config`` gives its ``websocket_*``
+    options (None: the defaults). Whatever happens before the channel
     is ready (an error, a timeout, a cancellation), the half-made connection is closed
     before this returns or raises.
 
@@ -52,7 +54,8 @@ async def open_channel(
                 if endpoint.websocket_path is not None:
                     if nursery is None:
                         raise RuntimeError("a WebSocket channel needs a nursery for its reader")
-                    connection = await upgrade(ssl_stream, endpoint, nursery)
+                    options = config if config is not None else PoolConfig()
+                    connection = await upgrade(ssl_stream, endpoint, nursery, options)
                     return WebSocketChannel(
                         ssl_stream,
                         endpoint,

@@ -309,6 +309,7 @@ class Relay:
                 open_transport=self.config.open_transport,
                 on_error=self._channel_failed,
                 nursery=self._nursery,
+                config=self.config,
             )
         except BaseException as exc:
             self._slots.open_failed()

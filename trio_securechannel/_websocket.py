@@ -17,6 +17,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnec
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ._channel import Channel
+from ._config import PoolConfig
 from ._endpoint import Endpoint
 
 logger = logging.getLogger("trio_securechannel")
@@ -175,13 +176,16 @@ class PooledConnection(WebSocketConnection):
       notices the stream is gone.
     """
 
-    def __init__(self, stream: trio.SSLStream[Any], endpoint: Endpoint) -> None:
+    def __init__(self, stream: trio.SSLStream[Any], endpoint: Endpoint, config: PoolConfig) -> None:
         assert endpoint.websocket_path is not None
         super().__init__(
             stream,
             wsproto.WSConnection(wsproto.ConnectionType.CLIENT),
             host=endpoint.host_header,
             path=endpoint.websocket_path,
+            client_subprotocols=config.websocket_subprotocols,
+            client_extra_headers=config.websocket_header_pairs(),
+            max_message_size=config.websocket_max_message_size,
         )
         self.endpoint = endpoint
         self.messages_arrived = 0
@@ -225,7 +229,7 @@ class PooledConnection(WebSocketConnection):
 
 
 async def upgrade(
-    ssl_stream: trio.SSLStream[Any], endpoint: Endpoint, nursery: trio.Nursery
+    ssl_stream: trio.SSLStream[Any], endpoint: Endpoint, nursery: trio.Nursery, config: PoolConfig
 ) -> PooledConnection:
     """Run the WebSocket upgrade over ``ssl_stream``; the reader task goes to ``nursery``.
 
@@ -233,7 +237,7 @@ async def upgrade(
         UpgradeFailed: The relay refused the upgrade, answered something else, or closed
             the connection (or the WebSocket) first.
     """
-    connection = PooledConnection(ssl_stream, endpoint)
+    connection = PooledConnection(ssl_stream, endpoint, config)
     nursery.start_soon(connection.run_reader, name=f"WebSocket reader for {endpoint}")
     await connection.upgraded()
     error = connection.reader_error
