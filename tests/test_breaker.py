@@ -65,6 +65,24 @@ async def test_threshold_opens_and_rejects_until_cooldown_ends() -> None:
     assert info.value.retry_after == 9.0  # the trial's connect_timeout bounds the wait
 
 
+async def test_a_handshake_clears_connect_failures_but_not_session_failures() -> None:
+    breaker = make_breaker(threshold=3)
+    fail_times(breaker, 2, now=0.0)  # connects refused
+    breaker.connected(1.0)  # then one succeeds: the relay is reachable again
+    assert breaker.consecutive_failures == 0
+    breaker.failed(2.0, "io error", in_session=True)  # a session it accepted, then dropped
+    breaker.connected(3.0)
+    breaker.failed(4.0, "refused")
+    breaker.connected(5.0)
+    assert breaker.consecutive_failures == 2  # handshakes do not vouch for sessions
+    breaker.failed(6.0, "io error", in_session=True)
+    assert breaker.state is OPEN
+    breaker = make_breaker(threshold=3)
+    breaker.failed(0.0, "io error", in_session=True)
+    breaker.succeeded(1.0)  # a lease served without error does
+    assert (breaker.consecutive_failures, breaker.session_failures) == (0, 0)
+
+
 async def test_success_resets_the_consecutive_count() -> None:
     breaker = make_breaker(threshold=3)
     fail_times(breaker, 2, now=0.0)
@@ -302,6 +320,52 @@ async def test_a_relay_that_completes_handshakes_but_serves_nobody_opens_the_bre
         await use_once(pool)  # the trial's handshake closes the breaker, the lease works
         assert pool.breaker_state is CLOSED
         assert pool.status()["breaker"]["consecutive_failures"] == 0
+
+
+async def test_a_lease_ending_unanswered_is_no_success(
+    autojump_clock: trio.testing.MockClock,
+    memory_relay: MemoryRelay,
+    client_context: ssl.SSLContext,
+) -> None:
+    async with memory_pool(memory_relay, client_context, breaker_failure_threshold=3) as pool:
+        memory_relay.mode = "drop_after_handshake"
+        with pytest.raises(trio.BrokenResourceError):
+            await use_once(pool)
+        memory_relay.mode = "echo"
+        async with pool.connection() as channel:
+            await channel.send_all(b"no reply read")
+        assert pool.status()["breaker"]["consecutive_failures"] == 1
+        await use_once(pool)
+        assert pool.status()["breaker"]["consecutive_failures"] == 0
+
+
+async def test_spares_connecting_between_refusals_keep_the_breaker_closed(
+    autojump_clock: trio.testing.MockClock,
+    memory_relay: MemoryRelay,
+    client_context: ssl.SSLContext,
+) -> None:
+    # Every third connect is refused; the others complete. With spares kept (and
+    # recycled by max_lifetime) but no lease ever served, the count must not build up.
+    attempts = itertools.count(1)
+    open_transport = memory_relay.open_transport
+
+    async def sometimes_refused(host: str, port: int) -> trio.abc.Stream:
+        if next(attempts) % 3 == 0:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return await open_transport(host, port)
+
+    async with sc.open_pool(
+        "relay.test:443",
+        ssl_context=client_context,
+        open_transport=sometimes_refused,
+        breaker_failure_threshold=2,
+        min_idle=1,
+        max_lifetime=1.0,
+        cleanup_interval=0.5,
+    ) as pool:
+        await trio.sleep(30)
+        assert next(attempts) > 20  # many spares came and went
+        assert pool.breaker_state is CLOSED
 
 
 async def use_once(pool: sc.SecureChannelPool) -> None:

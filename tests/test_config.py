@@ -89,6 +89,11 @@ def test_the_same_relay_twice_is_refused_whatever_the_spelling() -> None:
         ("wss:///ws", ValueError, "invalid host"),
         ("wss://[relay]/ws", ValueError, "malformed URL"),
         ("wss://relay.example.com/a b", ValueError, "whitespace"),
+        ("WS://relay.example.com/ws", ValueError, "plain ws:// is not TLS"),
+        ("ho\x00st:443", ValueError, "invalid host"),
+        ("tls://ho\nst:443", ValueError, "invalid host"),
+        ("relay.example.com:\u00b2", ValueError, "port must be a number"),
+        ("relay.example.com:\uff14\uff14\uff13", ValueError, "port must be a number"),
         ("wss://relay.exa\nmple.com/ws", ValueError, "control character"),
         ("wss://relay.example.com/w\ts", ValueError, "control character"),
         ("wss://relay.example.com/bücher", ValueError, "non-ASCII path"),
@@ -155,8 +160,9 @@ def test_bad_targets_are_rejected_at_call_time(
         ({"metrics_auth_token": ""}, ValueError, "metrics_auth_token must be non-empty"),
         ({"metrics_auth_token": 12345}, TypeError, "metrics_auth_token must be a str"),
         ({"websocket_headers": "Authorization: x"}, TypeError, "mapping or (name, value) pairs"),
-        ({"websocket_headers": [("X-Key",)]}, TypeError, "a (name, value) pair"),
-        ({"websocket_headers": {"X Key": "1"}}, ValueError, "invalid header name 'X Key'"),
+        ({"websocket_headers": [("X-Key",)]}, TypeError, "header 1 is not a (name, value)"),
+        ({"websocket_headers": {"X Key": "1"}}, ValueError, "header 1 has an invalid name"),
+        ({"websocket_headers": {"X-Key": " padded "}}, ValueError, "without surrounding"),
         ({"websocket_headers": {"Sec-WebSocket-Protocol": "a"}}, ValueError, "set by the"),
         ({"websocket_headers": {"Host": "elsewhere"}}, ValueError, "set by the WebSocket"),
         ({"websocket_headers": {"X-Key": "a\r\nInjected: 1"}}, ValueError, "printable ASCII"),
@@ -251,3 +257,6 @@ def test_websocket_headers_are_kept_as_pairs_and_out_of_reprs() -> None:
     with pytest.raises(ValueError, match="value of 'Authorization'") as info:
         PoolConfig(websocket_headers=[("Authorization", "Bearer hunter2\n")])
     assert "hunter2" not in str(info.value)  # a malformed secret is still a secret
+    with pytest.raises(ValueError, match="invalid name") as info:
+        PoolConfig(websocket_headers=[("Bearer hunter2", "Authorization")])  # swapped
+    assert "hunter2" not in str(info.value)

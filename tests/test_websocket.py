@@ -124,13 +124,9 @@ async def test_reader_tasks_run_in_the_pools_nursery_and_end_with_it(
         await wait_until(lambda: books(pool)["idle"] == 2)
         readers = reader_tasks()
         assert len(readers) == 2
-        # In the pool's nursery for channel tasks, which is the child of the nursery that
-        # open_pool opens in the caller's task: nothing hidden per connection.
-        channel_tasks = pool._relay._nursery
-        assert all(reader.parent_nursery is channel_tasks for reader in readers)
-        host = channel_tasks.parent_task
-        assert host.parent_nursery is not None
-        assert host.parent_nursery.parent_task is trio.lowlevel.current_task()
+        # In the nursery open_pool opens in the caller's task: none hidden per connection.
+        assert all(reader.parent_nursery is pool._relay._nursery for reader in readers)
+        assert pool._relay._nursery.parent_task is trio.lowlevel.current_task()
     assert reader_tasks() == []
 
 
@@ -150,22 +146,6 @@ async def test_a_discarded_channel_with_unread_messages_ends_its_reader_at_once(
             await fail_with_messages_unread()
         assert closed_by(pool) == {"aborted": 1}
         await wait_until(lambda: reader_tasks() == [], within=1)
-
-
-async def test_a_websocket_retired_at_give_back_closes_in_the_background(
-    ws_relay: WebSocketRelay, proxy: Proxy, client_context: ssl.SSLContext
-) -> None:
-    async with sc.open_pool(
-        proxied_url(proxy), ssl_context=client_context, shutdown_timeout=0.5
-    ) as pool:
-        async with pool.websocket() as channel:
-            await channel.send_message("unanswered")
-            proxy.black_hole = True  # the relay's close frame will never come
-            began = trio.current_time()
-        assert trio.current_time() - began < 0.1  # the block did not wait for it
-        assert closed_by(pool) == {"unanswered": 1}
-        assert not channel.closed or reader_tasks()  # still closing, in the pool's nursery
-        await wait_until(lambda: channel.closed and not reader_tasks(), within=1)
 
 
 async def test_a_refused_upgrade_is_a_connect_error_and_a_breaker_failure(
@@ -437,18 +417,19 @@ async def test_shutdown_sends_close_frames_before_the_tls_close(
     assert reader_tasks() == []
 
 
-async def test_shutdown_of_a_black_holed_relay_ends_within_the_deadline(
+async def test_the_shutdown_does_not_wait_for_a_black_holed_relay(
     ws_relay: WebSocketRelay, proxy: Proxy, client_context: ssl.SSLContext
 ) -> None:
     async with sc.open_pool(
-        proxied_url(proxy), ssl_context=client_context, min_idle=2, shutdown_timeout=0.3
+        proxied_url(proxy), ssl_context=client_context, min_idle=2, shutdown_timeout=3
     ) as pool:
         await wait_until(lambda: books(pool)["idle"] == 2)
         proxy.black_hole = True  # no close frame will come back
         began = trio.current_time()
-    assert trio.current_time() - began == pytest.approx(0.3, abs=0.25)
+    assert trio.current_time() - began < 0.3  # a close frame is sent, not a reply awaited
     assert reader_tasks() == []
     assert not pool.channels()
+    await wait_until(lambda: proxy.open_connections == 0)
 
 
 async def test_a_mixed_pool_routes_each_checkout_to_its_kind(
@@ -595,6 +576,9 @@ async def test_a_relay_that_accepts_and_then_closes_every_session_opens_its_brea
         states = {e["target"]: e["breaker"]["state"] for e in pool.status()["endpoints"]}
         assert states[closing.url] == "open"
         assert failures == 3
+        # Opening forgot its latency (the error's weight came first): back from its
+        # cooldown, it is tried afresh rather than starved.
+        assert pool._relays[0].latency_estimate is None
     closing.stop()
 
 
@@ -675,39 +659,23 @@ async def test_a_keepalive_on_a_connection_that_dies_returns_at_once(
             await first.ping()
 
 
-async def test_a_websocket_closing_in_the_background_still_holds_its_slot(
-    nursery: trio.Nursery, ws_relay: WebSocketRelay, proxy: Proxy, client_context: ssl.SSLContext
+async def test_a_websocket_retired_at_give_back_frees_its_slot_at_once(
+    ws_relay: WebSocketRelay, proxy: Proxy, client_context: ssl.SSLContext
 ) -> None:
-    most_connections = 0
-
-    async def watch_the_relay() -> None:
-        nonlocal most_connections
-        while True:
-            most_connections = max(most_connections, proxy.open_connections)
-            await trio.sleep(0.005)
-
-    async def lift_the_black_hole() -> None:
-        await trio.sleep(0.1)
-        proxy.black_hole = False  # (the close frame it swallowed is gone for good)
-
-    nursery.start_soon(watch_the_relay)
     async with sc.open_pool(
-        proxied_url(proxy),
-        ssl_context=client_context,
-        max_connections=1,
-        shutdown_timeout=0.5,
-        acquire_timeout=5,
+        proxied_url(proxy), ssl_context=client_context, max_connections=1
     ) as pool:
-        async with pool.websocket() as channel:
-            await channel.send_message("unanswered")
-            proxy.black_hole = True  # its close handshake will hang
-        assert books(pool)["closing"] == 1
-        nursery.start_soon(lift_the_black_hole)
-        began = trio.current_time()
-        async with pool.websocket() as second:  # waits for the close to give up
-            assert trio.current_time() - began == pytest.approx(0.5, abs=0.2)
+        async with pool.websocket() as first:
+            await first.send_message("unanswered")
+            proxy.black_hole = True  # the relay will never answer the close frame
+            began = trio.current_time()
+        assert trio.current_time() - began < 0.1  # no round trip waited for
+        assert first.closed
+        proxy.black_hole = False
+        await wait_until(lambda: proxy.open_connections == 0)  # its connection is gone
+        async with pool.websocket() as second:  # acquire_timeout=0: the slot is free
             assert await call(second, "two") == "two"
-    assert most_connections == 1
+        assert closed_by(pool) == {"unanswered": 1}
 
 
 async def test_the_exit_takes_no_longer_than_shutdown_timeout(
@@ -726,7 +694,8 @@ async def test_the_exit_takes_no_longer_than_shutdown_timeout(
     ) as pool:
         await nursery.start(give_back_late)
         began = trio.current_time()
-    assert trio.current_time() - began == pytest.approx(1, abs=0.3)
+    # Done when the lent channel came back: its close waits for nothing.
+    assert trio.current_time() - began == pytest.approx(0.5, abs=0.2)
     assert reader_tasks() == []
 
 
@@ -755,9 +724,12 @@ async def test_a_message_over_the_size_limit_closes_the_websocket(
     async with sc.open_pool(
         ws_relay.url, ssl_context=client_context, websocket_max_message_size=4096
     ) as pool:
-        with pytest.raises(trio.BrokenResourceError, match="1009"):
-            await call_big(pool, big)
-        assert closed_by(pool) == {"error": 1}
+        for _ in range(pool.config.breaker_failure_threshold):
+            with pytest.raises(trio.BrokenResourceError, match="over websocket_max_message_size"):
+                await call_big(pool, big)
+        assert closed_by(pool) == {"error": 5}
+        assert pool.status()["errors_by_kind"] == {"too_big": 5}
+        assert pool.status()["breaker"]["consecutive_failures"] == 0  # our limit, not its fault
     async with sc.open_pool(
         ws_relay.url, ssl_context=client_context, websocket_max_message_size=8192
     ) as pool:
@@ -767,3 +739,18 @@ async def test_a_message_over_the_size_limit_closes_the_websocket(
 async def call_big(pool: sc.SecureChannelPool, message: str) -> None:
     async with pool.websocket() as channel:
         assert await call(channel, message) == message
+
+
+async def test_a_keepalive_meeting_a_channel_closed_meanwhile_lets_it_go(
+    ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+) -> None:
+    # The pass lists the idle channels; a checkout may close one (found unfit) before its
+    # ping starts. That must not end the pool.
+    from trio_securechannel._upkeep import _keep_alive
+
+    async with sc.open_pool(ws_relay.url, ssl_context=client_context) as pool:
+        async with pool.websocket() as channel:
+            assert await call(channel, "one") == "one"
+        await channel.aclose()
+        await _keep_alive(channel, 1.0)
+        assert not channel.reusable

@@ -108,6 +108,10 @@ class CircuitBreaker:
         self._on_transition = on_transition
         self.state = CLOSED
         self.consecutive_failures = 0
+        # How many of those hit channels in use (the others: connects). A completed
+        # handshake clears connect failures only: a relay that accepts every session and
+        # then drops it must still trip.
+        self.session_failures = 0
         self.opened_total = 0
         self.rejected_total = 0
         self.transitions: Counter[BreakerState] = Counter()  # by the state entered
@@ -159,21 +163,32 @@ class CircuitBreaker:
     # -- outcomes -------------------------------------------------------------------------
 
     def succeeded(self, now: float, trial: Trial | None = None) -> None:
-        """A handshake completed, or a checkout ended without an I/O error."""
+        """A checkout ended without an I/O error (or a trial's handshake completed)."""
         if trial is not None:
             if self._is_current(trial):
                 self._move(CLOSED, now, "trial succeeded")
         elif self.state is CLOSED:
-            self.consecutive_failures = 0
+            self.consecutive_failures = self.session_failures = 0
         # Open or half-open: only a trial's outcome decides, not a straggler's.
 
-    def failed(self, now: float, reason: str, trial: Trial | None = None) -> None:
-        """A connect or handshake failed, or a channel in use hit an I/O error."""
+    def connected(self, now: float, trial: Trial | None = None) -> None:
+        """A handshake completed: a success for a trial, and for failures to connect."""
+        if trial is not None:
+            self.succeeded(now, trial)
+        elif self.state is CLOSED and not self.session_failures:
+            self.consecutive_failures = 0
+
+    def failed(
+        self, now: float, reason: str, trial: Trial | None = None, *, in_session: bool = False
+    ) -> None:
+        """A connect or handshake failed, or (``in_session``) a channel in use hit an I/O
+        error."""
         if trial is not None:
             if self._is_current(trial):
                 self._open(now, f"trial failed: {reason}")
         elif self.state is CLOSED:
             self.consecutive_failures += 1
+            self.session_failures += in_session
             if self.consecutive_failures >= self.failure_threshold:
                 self._open(now, f"{self.consecutive_failures} consecutive failures; last: {reason}")
 
@@ -212,7 +227,7 @@ class CircuitBreaker:
         if to_state is HALF_OPEN:
             self._generation += 1
         elif to_state is CLOSED:
-            self.consecutive_failures = 0
+            self.consecutive_failures = self.session_failures = 0
         level = logging.WARNING if to_state is OPEN else logging.INFO
         logger.log(level, "circuit breaker for %s: %s -> %s (%s)", self.endpoint,
                    event.from_state.value, to_state.value, reason)  # fmt: skip

@@ -137,12 +137,12 @@ class Channel(abc.ABC):
         """Let the current user finish, but never lend this channel again."""
         self._spend(reason)
 
-    def _fail(self, kind: str) -> None:
+    def _fail(self, kind: str, *, blame_relay: bool = True) -> None:
         # A stream breaks once; later calls re-raise the same state and count nothing.
         if self.spent != "error":
             self.errors[kind] += 1
             self.spent = "error"
-            if self._on_error is not None:
+            if blame_relay and self._on_error is not None:
                 self._on_error(self, kind)
 
     def _spend(self, reason: str) -> None:

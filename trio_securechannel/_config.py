@@ -215,21 +215,30 @@ def _check_headers(headers: object) -> tuple[tuple[str, str], ...]:
             f" got {type(headers).__name__}"
         )
     pairs = []
-    for pair in headers:
+    # Neither names nor values are echoed in errors: a value may be a credential, and a
+    # swapped pair would put it in the name.
+    for number, pair in enumerate(headers, 1):
         if not (isinstance(pair, tuple) and len(pair) == 2):
-            raise TypeError("websocket_headers: each header must be a (name, value) pair")
+            raise TypeError(f"websocket_headers: header {number} is not a (name, value) pair")
         name, value = pair
         if not isinstance(name, str) or not _TOKEN.match(name):
-            raise ValueError(f"websocket_headers: invalid header name {name!r}")
+            raise ValueError(
+                f"websocket_headers: header {number} has an invalid name (an HTTP token)"
+            )
         if name.lower() in _UPGRADE_HEADERS:
             raise ValueError(
                 f"websocket_headers: {name!r} is set by the WebSocket upgrade itself"
                 " (subprotocols go in websocket_subprotocols)"
             )
-        # The value is not echoed: it may be a credential.
-        if not isinstance(value, str) or not value.isascii() or not value.isprintable():
+        if (
+            not isinstance(value, str)
+            or not value.isascii()
+            or not value.isprintable()
+            or value != value.strip()
+        ):
             raise ValueError(
                 f"websocket_headers: the value of {name!r} must be printable ASCII text"
+                " without surrounding spaces"
             )
         pairs.append((name, value))
     return tuple(pairs)

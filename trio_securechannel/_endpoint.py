@@ -134,7 +134,7 @@ def _split_host_port(target: str, field: str, given: str | None = None) -> tuple
     given = target if given is None else given
     if "://" in target:
         scheme = target.partition("://")[0]
-        hint = " (plain ws:// is not TLS: use wss://)" if scheme == "ws" else ""
+        hint = " (plain ws:// is not TLS: use wss://)" if scheme.lower() == "ws" else ""
         raise ValueError(
             f"{field}: unsupported scheme {scheme!r} in {given!r};"
             f" expected 'host:port', 'tls://host:port' or 'wss://host[:port]/path'{hint}"
@@ -154,13 +154,13 @@ def _split_host_port(target: str, field: str, given: str | None = None) -> tuple
             raise ValueError(f"{field}: missing ':port' in {target!r}")
         if ":" in host:
             raise ValueError(f"{field}: write IPv6 addresses as '[addr]:port', got {target!r}")
-    if not port_text.isdigit():
+    if not (port_text.isascii() and port_text.isdigit()):
         raise ValueError(f"{field}: port must be a number, got {port_text!r} in {target!r}")
     return host, int(port_text)
 
 
 def _check_host(host: str, field: str, target: object) -> str:
-    if not host or host != host.strip() or any(c in host for c in "/@?#[]% \t"):
+    if not host or not host.isprintable() or any(c.isspace() or c in "/@?#[]%" for c in host):
         raise ValueError(f"{field}: invalid host {host!r} in {target!r}")
     try:
         ipaddress.ip_address(host)

@@ -57,10 +57,7 @@ class PoolCollector(Collector):
             CounterMetricFamily, "connections_closed", "Channels closed, by reason.", "reason"
         )
         connections = family(
-            GaugeMetricFamily,
-            "connections",
-            "Channels by state: idle, in_use, opening, closing.",
-            "state",
+            GaugeMetricFamily, "connections", "Channels by state: idle, in_use, opening.", "state"
         )
         waiting = family(GaugeMetricFamily, "waiting", "Checkouts waiting for a free channel.")
         maximum = family(GaugeMetricFamily, "max_connections", "max_connections, per relay.")
@@ -112,7 +109,6 @@ class PoolCollector(Collector):
             connections.add_metric([name, "idle"], len(slots.idle))
             connections.add_metric([name, "in_use"], len(slots.in_use))
             connections.add_metric([name, "opening"], slots.opening)
-            connections.add_metric([name, "closing"], len(slots.closing))
             waiting.add_metric([name], len(slots.waiters))
             maximum.add_metric([name], slots.max_connections)
             for kind, count in sorted(stats.errors(slots.in_use).items()):

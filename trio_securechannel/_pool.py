@@ -331,37 +331,6 @@ ChannelT = TypeVar("ChannelT", bound=Channel)
 
 
 @final
-class _ChannelTasks:
-    """The pool's nursery for its channels' own tasks: WebSocket readers, and WebSocket
-    close handshakes (which wait for the relay's reply, so they run here rather than in
-    the task that gave the channel back).
-
-    At pool exit the channels are closed or closing; these tasks then get what is left of
-    ``shutdown_timeout`` to end by themselves before they are cancelled.
-    """
-
-    def __init__(self) -> None:
-        self._scope = trio.CancelScope()
-        self._draining = trio.Event()
-        self._done = trio.Event()
-
-    async def run(self, *, task_status: trio.TaskStatus[trio.Nursery]) -> None:
-        try:
-            with self._scope:
-                async with trio.open_nursery() as nursery:
-                    task_status.started(nursery)
-                    await self._draining.wait()
-        finally:
-            self._done.set()
-
-    async def drain(self, deadline: float) -> None:
-        self._scope.deadline = deadline
-        self._draining.set()
-        with trio.CancelScope(shield=True):
-            await self._done.wait()
-
-
-@final
 class _Lease(Generic[ChannelT]):
     """``async with pool.connection() as channel``: one checkout and its end.
 
@@ -470,11 +439,8 @@ async def _run_pool(
         ssl_context = await trio.to_thread.run_sync(load_root_store)
     body_error: BaseException | None = None
     background = trio.CancelScope()
-    channel_tasks = _ChannelTasks()
     async with trio.open_nursery() as nursery:
-        pool = SecureChannelPool(
-            endpoints, config, ssl_context, await nursery.start(channel_tasks.run)
-        )
+        pool = SecureChannelPool(endpoints, config, ssl_context, nursery)
         server = MetricsServer(pool)
         try:
             nursery.start_soon(pool._run_background, background)
@@ -486,11 +452,9 @@ async def _run_pool(
             # (this includes a metrics port that cannot be bound).
             body_error = exc
         finally:
-            exit_deadline = trio.current_time() + config.shutdown_timeout
             background.cancel()  # no new spares, passes or timers while closing
             await pool._shutdown()
             await server.stop()  # after the shutdown, so /events clients saw it end
-            await channel_tasks.drain(exit_deadline)
-            nursery.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()  # (WebSocket readers end with their channels)
     if body_error is not None:
         raise body_error

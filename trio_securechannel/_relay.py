@@ -26,7 +26,6 @@ from ._latency import Histogram
 from ._slots import CLOSED, Grant, Slots
 from ._stats import PoolStats
 from ._upkeep import Upkeep
-from ._websocket import WebSocketChannel
 
 logger = logging.getLogger("trio_securechannel")
 
@@ -52,8 +51,7 @@ class Relay:
         nursery: trio.Nursery,
     ) -> None:
         self.endpoint = endpoint
-        # The pool's nursery for channel tasks (WebSocket readers and close handshakes),
-        # which outlives the shutdown: a close handshake needs its reader.
+        # The pool's nursery: WebSocket channels' reader tasks run there.
         self._nursery = nursery
         self.config = config
         self.ssl_context = ssl_context
@@ -114,7 +112,6 @@ class Relay:
                 "idle": len(slots.idle),
                 "in_use": len(slots.in_use),
                 "opening": slots.opening,
-                "closing": len(slots.closing),
                 "waiting": len(slots.waiters),
                 "max": slots.max_connections,
                 "min_idle": self.config.min_idle,
@@ -320,11 +317,7 @@ class Relay:
                 self._breaker.trial_abandoned(trial)  # cancelled: neither success nor failure
             self._released()
             raise
-        if trial is not None:
-            # A trial's verdict is the handshake. Otherwise a relay is only trusted again
-            # once a channel served a lease without error (see _give_back): one that
-            # accepts and then drops every session must still open its breaker.
-            self._breaker.succeeded(trio.current_time(), trial)
+        self._breaker.connected(trio.current_time(), trial)
         self._stats.channel_opened(channel)
         self._slots.opened(channel)
         logger.debug("opened %r", channel)
@@ -358,16 +351,22 @@ class Relay:
 
     def _channel_failed(self, channel: Channel, kind: str) -> None:
         """A lent channel hit an I/O error: the breaker hears of it before its user does."""
-        self._breaker.failed(trio.current_time(), f"{kind} error on {channel!r}")
         if self.learns_latency:
-            # Choosing among relays, an error weighs as a round trip of connect_timeout.
+            # Choosing among relays, an error weighs as a round trip of connect_timeout
+            # (before the breaker hears of it: opening, it forgets the estimate).
             self._observe_latency(self.config.connect_timeout)
+        self._breaker.failed(trio.current_time(), f"{kind} error on {channel!r}", in_session=True)
 
     def _give_back(self, channel: Channel, *, served: bool = True) -> str | None:
         """The lease ended normally (or a spare is ready, ``served=False``): keep the
         channel, or say why it must be closed."""
         now = trio.current_time()
-        if served and self._breaker.consecutive_failures and not channel.errors:
+        if (
+            served
+            and self._breaker.consecutive_failures
+            and not channel.errors
+            and not channel.unanswered  # (a request without its reply proves nothing)
+        ):
             self._breaker.succeeded(now)  # (a success changes nothing when none failed)
         slots = self._slots
         if channel not in slots.in_use:
@@ -387,10 +386,7 @@ class Relay:
                 self._learn_latency(channel)
             slots.give_back(channel)
             return None
-        if isinstance(channel, WebSocketChannel):
-            slots.start_closing(channel)  # its close handshake will run in the background
-        else:
-            slots.forget(channel)
+        slots.forget(channel)
         return reason
 
     def _learn_latency(self, channel: Channel) -> None:
@@ -445,27 +441,7 @@ class Relay:
     async def _retire(self, channel: Channel, reason: str, *, graceful: bool) -> None:
         """Account for a channel that has left the books, then close it."""
         self.account_for_departure(channel, reason)
-        if channel in self._slots.closing:
-            # A WebSocket close handshake waits for the relay's close frame: a round trip
-            # that the task giving the channel back should not wait for.
-            self._nursery.start_soon(self._close_in_background, channel)
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        else:
-            await self.close_departed(channel, graceful=graceful)
-
-    async def _close_in_background(self, channel: Channel) -> None:
-        """Close gracefully within ``shutdown_timeout``, then free the channel's slot.
-
-        Not shielded: the pool's exit may cut it short (the close is then forceful).
-        """
-        try:
-            with trio.move_on_after(self.config.shutdown_timeout):
-                await channel.aclose()
-        except (trio.BrokenResourceError, OSError) as exc:
-            logger.debug("closing %r: %r", channel, exc)
-        finally:
-            self._slots.closing_done(channel)
-            self._released()
+        await self.close_departed(channel, graceful=graceful)
 
     def account_for_departure(self, channel: Channel, reason: str) -> None:
         """Fold a departed channel's figures into the pool's, in the same step that took
@@ -530,7 +506,7 @@ class Relay:
             async with trio.open_nursery() as nursery:
                 for channel in idle:
                     nursery.start_soon(partial(self.close_departed, channel, graceful=True))
-            while slots.in_use or slots.opening or slots.closing:
+            while slots.in_use or slots.opening:
                 await self._drained.park()
         # Out of time: close what is still lent out under its users' feet.
         for channel in list(slots.in_use):

@@ -2,8 +2,7 @@
 
 Pure synchronous state, no I/O (as httpcore keeps its connection assignment apart from its
 network calls): the pool calls these methods and does the awaiting around them. Every
-method keeps one invariant: ``len(idle) + len(in_use) + opening + len(closing) <=
-max_connections``.
+method keeps one invariant: ``len(idle) + len(in_use) + opening <= max_connections``.
 
 Handoff is direct: a channel given back, or a slot freed, goes to the longest-waiting task
 before anyone else can take it, so waiters are served in FIFO order and nobody barges.
@@ -58,9 +57,6 @@ class Slots:
         self.in_use: set[Channel] = set()
         self.opening = 0
         self.waiters: deque[Waiter] = deque()
-        # Channels closing in the background (a WebSocket close handshake): they still
-        # hold a connection to the relay, so they still hold their slot.
-        self.closing: set[Channel] = set()
         self.closed = False
 
     @property
@@ -70,9 +66,8 @@ class Slots:
 
     @property
     def total(self) -> int:
-        """Everything counted against ``max_connections``: slots being opened and
-        channels still closing included."""
-        return len(self.idle) + len(self.in_use) + self.opening + len(self.closing)
+        """Everything counted against ``max_connections``, slots being opened included."""
+        return len(self.idle) + len(self.in_use) + self.opening
 
     def try_take(self) -> Channel | Grant | None:
         """Take the warmest idle channel, else a slot to open one; None means wait."""
@@ -143,16 +138,6 @@ class Slots:
     def forget(self, channel: Channel) -> None:
         """A held channel leaves the pool (the caller closes it); its slot passes on."""
         self.in_use.remove(channel)
-        self._pass_on_free_slot()
-
-    def start_closing(self, channel: Channel) -> None:
-        """A held channel leaves the pool but keeps its slot until `closing_done`."""
-        self.in_use.remove(channel)
-        self.closing.add(channel)
-
-    def closing_done(self, channel: Channel) -> None:
-        """A channel closing in the background is closed: its slot passes on."""
-        self.closing.remove(channel)
         self._pass_on_free_slot()
 
     def evict_idle(self, channel: Channel) -> None:

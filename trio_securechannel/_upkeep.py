@@ -174,8 +174,8 @@ async def _keep_alive(channel: WebSocketChannel, patience: float) -> None:
     with trio.move_on_after(patience):
         try:
             await channel.ping()
-        except trio.BrokenResourceError:
-            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # (closed: a checkout found it unfit meanwhile)
         else:
             return
     channel.retire_when_returned("stale")  # (a timed-out ping has already said so)

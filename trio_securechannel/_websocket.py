@@ -7,13 +7,16 @@ upgrade or breaks the protocol ends that one channel, never the pool.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any, final
 
 import trio
 import wsproto
-from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection
+from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, WebSocketConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ._channel import Channel
@@ -94,6 +97,13 @@ class WebSocketChannel(Channel):
         if self._closed:
             return trio.ClosedResourceError("this channel was closed")
         reason = exc.reason
+        if self._connection.too_big:
+            # Over our own limit: counted, but no sign the relay is unwell.
+            self._fail("too_big", blame_relay=False)
+            limit = self._connection._max_message_size
+            return trio.BrokenResourceError(
+                f"a message from {self.endpoint} was over websocket_max_message_size={limit}"
+            )
         if reason is None or reason.code == 1006:  # no close frame: the transport broke
             self._fail("io")
             return trio.BrokenResourceError(f"connection to {self.endpoint} lost")
@@ -144,21 +154,19 @@ class WebSocketChannel(Channel):
         await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
-        """Send a close frame (1000), wait for the relay's, then close TLS.
+        """Send a close frame (1000), then close TLS with a close_notify, at once.
 
-        Bounded by the caller's deadline; forceful if cancelled. Idempotent.
+        The relay's own close frame is not waited for (RFC 6455 would have a client wait
+        for the server to close first): a channel leaving the pool costs no round trip,
+        and a relay that never answers cannot hold its slot. Forceful if cancelled.
+        Idempotent.
         """
         if self._closed:
             await trio.lowlevel.checkpoint()
             return
         self._closed = True
         self._spend("closed")
-        try:
-            await self._connection.aclose()
-        finally:
-            self._connection.stop_delivery()
-            # trio-websocket leaves the stream open when the relay closed first.
-            await self._stream.aclose()
+        await self._connection.close_now()
 
 
 class PooledConnection(WebSocketConnection):
@@ -170,10 +178,9 @@ class PooledConnection(WebSocketConnection):
     * counting the data messages (and fragments) the reader receives, so that a message
       that reached an idle channel is seen at checkout;
     * a reader guarded so its exception ends this connection only, and whose end
-      releases whoever waits on it (the upgrade, a close handshake, pings), which
-      trio-websocket leaves waiting when its reader dies;
-    * stopping delivery, so a reader blocked handing over a message nobody will read
-      notices the stream is gone.
+      releases whoever waits on it (the upgrade, pings), which trio-websocket leaves
+      waiting when its reader dies;
+    * a close that sends its close frame without waiting for the relay's.
     """
 
     def __init__(self, stream: trio.SSLStream[Any], endpoint: Endpoint, config: PoolConfig) -> None:
@@ -192,6 +199,7 @@ class PooledConnection(WebSocketConnection):
         self.message_in_progress = False
         self.reader_done = False
         self.reader_error: Exception | None = None
+        self.too_big = False  # a message went over websocket_max_message_size
 
     async def _handle_message_event(
         self, event: wsproto.events.BytesMessage | wsproto.events.TextMessage
@@ -200,6 +208,8 @@ class PooledConnection(WebSocketConnection):
         self.message_in_progress = not event.message_finished
         if event.message_finished:
             self.messages_arrived += 1
+        if self._message_size + len(event.data) > self._max_message_size:
+            self.too_big = True  # trio-websocket closes with 1009: our limit, not a fault
         await super()._handle_message_event(event)
 
     async def run_reader(self) -> None:
@@ -215,13 +225,22 @@ class PooledConnection(WebSocketConnection):
         finally:
             self.reader_done = True
             self._open_handshake.set()
-            self._close_handshake.set()
             for waiting in self._pings.values():
                 waiting.set()
             self._pings.clear()
 
-    def stop_delivery(self) -> None:
-        self._recv_channel.close()
+    async def close_now(self, code: int = 1000) -> None:
+        """Send a close frame (unless the WebSocket is closing already), then close the
+        stream, without waiting for the relay's close frame."""
+        try:
+            if self._close_reason is None and self._wsproto.state is ConnectionState.OPEN:
+                self._close_reason = CloseReason(code, None)  # as trio-websocket's aclose
+                with contextlib.suppress(ConnectionClosed):  # (the relay is gone)
+                    await self._send(CloseConnection(code=code))
+        finally:
+            # A reader blocked handing over a message nobody will read must notice.
+            self._recv_channel.close()
+            await self._stream.aclose()  # a TLS close_notify; forceful if cancelled
 
     async def upgraded(self) -> None:
         """Wait for the upgrade to complete, or the reader to end first."""
@@ -254,6 +273,9 @@ async def upgrade(
 
 
 def _describe(error: Exception) -> str:
-    if isinstance(error, LocalProtocolError | RemoteProtocolError):
+    if isinstance(error, RemoteProtocolError):
         return f"not a WebSocket upgrade answer ({error})"
+    if isinstance(error, LocalProtocolError):
+        # Raised on our side, its message may quote our own request (and its headers).
+        return "not a WebSocket upgrade answer"
     return repr(error)
