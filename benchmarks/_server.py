@@ -5,7 +5,8 @@ Three services on 127.0.0.1, each on a free port:
 - echo: every byte received is sent back (cases 1-5, 7, 8);
 - sink: an 8-byte big-endian length, then that many bytes, answered with one byte
   (case 6, bulk throughput);
-- http: a keep-alive HTTP/1.1 server answering every request with a 64-byte body (case 10).
+- http: a keep-alive HTTP/1.1 server answering every request with a 64-byte body (case 10);
+- ws: a WebSocket echo (trio-websocket over the same TLS): every message sent back (case 11).
 
 The process stops when the parent says so (or closes its end of the pipe), and in any case
 after ``lifetime`` seconds.
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+import trio_websocket
 
 from ._tls import HOST, server_context
 
@@ -49,6 +51,7 @@ class Addresses:
     echo: tuple[str, int]
     sink: tuple[str, int]
     http: tuple[str, int]
+    ws: tuple[str, int]
 
 
 @contextmanager
@@ -66,8 +69,8 @@ def running_server(
     try:
         if not ours.poll(30.0):
             raise RuntimeError("the benchmark server did not start within 30 s")
-        echo, sink, http = ours.recv()
-        yield Addresses((HOST, echo), (HOST, sink), (HOST, http))
+        echo, sink, http, ws = ours.recv()
+        yield Addresses((HOST, echo), (HOST, sink), (HOST, http), (HOST, ws))
     finally:
         ours.close()  # the server's watcher sees EOF and shuts down
         process.join(10.0)
@@ -86,7 +89,7 @@ def serve(server_file: str, cpu: int | None, pipe: Connection, lifetime: float) 
 async def _serve(context: ssl.SSLContext, pipe: Connection, lifetime: float) -> None:
     async with trio.open_nursery() as nursery:
         ports = []
-        for handler in (_echo, _sink, _http):
+        for handler in (_echo, _sink, _http, _ws_echo):
             listeners: list[trio.SocketListener] = await nursery.start(
                 partial(trio.serve_tcp, partial(_tls, context, handler), 0, host=HOST)
             )
@@ -148,3 +151,13 @@ async def _http(stream: trio.SSLStream[Any]) -> None:
             end = buffer.find(b"\r\n\r\n")
         del buffer[: end + 4]  # GET requests: no body
         await stream.send_all(HTTP_RESPONSE)
+
+
+async def _ws_echo(stream: trio.SSLStream[Any]) -> None:
+    async with trio.open_nursery() as nursery:
+        request = await trio_websocket.wrap_server_stream(nursery, stream)
+        session = await request.accept()
+        with suppress(trio_websocket.ConnectionClosed):
+            while True:
+                await session.send_message(await session.get_message())
+        nursery.cancel_scope.cancel()

@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from . import _cases, _http, _memory, _scrape
+from . import _cases, _http, _memory, _scrape, _websocket
 from ._bench import Bench
 from ._report import Result
 
@@ -30,6 +30,7 @@ CASES: tuple[Case, ...] = (
     Case(8, "scrape", _scrape.scrape),
     Case(9, "histogram", _memory.histogram_memory),
     Case(10, "http", _http.peer_http),
+    Case(11, "ws1", _websocket.websocket_pool_of_1),
 )
 
 
