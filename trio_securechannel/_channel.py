@@ -206,18 +206,6 @@ class SecureChannel(Channel, trio.abc.Stream):
     The attributes are `Channel`'s.
     """
 
-    def __init__(
-        self,
-        ssl_stream: trio.SSLStream[Any],
-        endpoint: Endpoint,
-        *,
-        on_error: Callable[[Channel, str], None] | None = None,
-        handshake_seconds: float = 0.0,
-    ) -> None:
-        super().__init__(
-            ssl_stream, endpoint, on_error=on_error, handshake_seconds=handshake_seconds
-        )
-
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt and send all of ``data``. See `trio.abc.SendStream.send_all`."""
         started = trio.current_time()
