@@ -72,10 +72,13 @@ async def test_a_handshake_clears_connect_failures_but_not_session_failures() ->
     assert breaker.consecutive_failures == 0
     breaker.failed(2.0, "io error", in_session=True)  # a session it accepted, then dropped
     breaker.connected(3.0)
+    assert breaker.consecutive_failures == 1  # handshakes do not vouch for sessions
     breaker.failed(4.0, "refused")
-    breaker.connected(5.0)
-    assert breaker.consecutive_failures == 2  # handshakes do not vouch for sessions
+    breaker.connected(5.0)  # ... but they do for connects
+    assert breaker.consecutive_failures == 1
     breaker.failed(6.0, "io error", in_session=True)
+    breaker.connected(7.0)
+    breaker.failed(8.0, "io error", in_session=True)
     assert breaker.state is OPEN
     breaker = make_breaker(threshold=3)
     breaker.failed(0.0, "io error", in_session=True)

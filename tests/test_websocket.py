@@ -752,3 +752,107 @@ async def test_a_keepalive_meeting_a_channel_closed_meanwhile_lets_it_go(
         await channel.aclose()
         await _keep_alive(channel, 1.0)
         assert not channel.reusable
+
+
+async def test_a_frame_whose_header_came_alone_makes_an_idle_channel_stale(
+    nursery: trio.Nursery, client_context: ssl.SSLContext
+) -> None:
+    header_sent = trio.Event()
+
+    async def echo_then_push_a_split_frame(stream: TLS, ws: WSConnection) -> None:
+        await accept(stream, ws)
+        while isinstance(message := await next_message(stream, ws), Message):
+            await stream.send_all(ws.send(TextMessage(data=message.data)))
+            if message.data == "subscribe":
+                frame = ws.send(TextMessage(data="NOTIFICATION"))
+                await stream.send_all(frame[:2])  # its header, in a TLS record of its own
+                header_sent.set()
+                await trio.sleep(0.3)
+                await stream.send_all(frame[2:])
+
+    relay = ScriptedRelay(make_server_context(), echo_then_push_a_split_frame)
+    await nursery.start(relay.serve)
+    async with sc.open_pool(relay.url, ssl_context=client_context) as pool:
+        async with pool.websocket() as first:
+            assert await call(first, "subscribe") == "subscribe"
+        await header_sent.wait()
+        await wait_until(lambda: first._connection.mid_frame)
+        assert first.has_pending_input()
+        async with pool.websocket() as second:
+            assert second is not first
+            assert await call(second, "mine") == "mine"
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [b"\x81\x00"],  # empty text frame
+        [b"\x81\x05hello", b"\x8a\x04pong"],  # a message and a pong in one chunk
+        [b"\x82\x7e\x01\x00" + bytes(256)],  # 16-bit length
+        [b"\x82\x7f" + (70000).to_bytes(8, "big") + bytes(70000)],  # 64-bit length
+        [b"\x81\x85abcd" + bytes(5)],  # masked (a relay should not, but may)
+    ],
+)
+def test_frame_watch_finds_every_boundary(frames: list[bytes]) -> None:
+    from trio_securechannel._websocket import FrameWatch
+
+    stream = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n" + b"".join(frames)
+    boundaries = {len(stream) - len(b"".join(frames[i:])) for i in range(len(frames) + 1)}
+    for split in range(1, len(stream)):  # the same bytes, cut in two at every place
+        watch = FrameWatch(None)  # type: ignore[arg-type]  # (only its parsing is used)
+        watch._watch(stream[:split])
+        answer_end = stream.index(b"\r\n\r\n") + 4
+        assert watch.mid_frame == (split > answer_end and split not in boundaries), split
+        watch._watch(stream[split:])
+        assert not watch.mid_frame
+
+
+async def test_a_lease_abandoned_before_its_reply_is_no_success_for_the_breaker(
+    ws_relay: WebSocketRelay, proxy: Proxy, client_context: ssl.SSLContext
+) -> None:
+    async def reset_soon() -> None:
+        await trio.sleep(0.1)
+        proxy.reset_connections()
+
+    async with sc.open_pool(proxied_url(proxy), ssl_context=client_context) as pool:
+        ws_relay.echo_delay = 10
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reset_soon)
+            with pytest.raises(trio.BrokenResourceError):
+                await call_once(pool)
+        assert pool.status()["breaker"]["consecutive_failures"] == 1
+        with pytest.raises(trio.TooSlowError):
+            await ask_with_a_deadline(pool)
+        assert pool.status()["breaker"]["consecutive_failures"] == 1  # not vouched for
+        ws_relay.echo_delay = 0
+        await call_once(pool)
+        assert pool.status()["breaker"]["consecutive_failures"] == 0
+
+
+async def ask_with_a_deadline(pool: sc.SecureChannelPool) -> None:
+    async with pool.websocket() as channel:
+        await channel.send_message("no reply in time")
+        with trio.fail_after(0.05):
+            await channel.get_message()
+
+
+async def test_a_connect_cut_short_by_the_pools_exit_is_pool_closed(
+    nursery: trio.Nursery, ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+) -> None:
+    ws_relay.mode = "hold"  # upgrades never answered
+    outcome: list[BaseException] = []
+
+    async def check_out(task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        try:
+            async with pool.websocket():
+                pytest.fail("no channel was opened")
+        except (sc.PoolClosed, sc.ConnectError) as exc:
+            outcome.append(exc)
+
+    async with sc.open_pool(ws_relay.url, ssl_context=client_context, shutdown_timeout=0.2) as pool:
+        await nursery.start(check_out)
+        await wait_until(lambda: ws_relay.upgrades == 1)
+    await wait_until(lambda: bool(outcome))
+    assert isinstance(outcome[0], sc.PoolClosed)
+    assert pool.status()["breaker"]["consecutive_failures"] == 0

@@ -175,8 +175,8 @@ class CircuitBreaker:
         """A handshake completed: a success for a trial, and for failures to connect."""
         if trial is not None:
             self.succeeded(now, trial)
-        elif self.state is CLOSED and not self.session_failures:
-            self.consecutive_failures = 0
+        elif self.state is CLOSED:
+            self.consecutive_failures = self.session_failures  # only connects are vouched for
 
     def failed(
         self, now: float, reason: str, trial: Trial | None = None, *, in_session: bool = False

@@ -237,8 +237,8 @@ def _check_headers(headers: object) -> tuple[tuple[str, str], ...]:
             or value != value.strip()
         ):
             raise ValueError(
-                f"websocket_headers: the value of {name!r} must be printable ASCII text"
-                " without surrounding spaces"
+                f"websocket_headers: the value of header {number} must be printable ASCII"
+                " text without surrounding spaces"
             )
         pairs.append((name, value))
     return tuple(pairs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from typing import final
 from urllib.parse import urlsplit
@@ -13,6 +14,9 @@ Target = str | tuple[str, int]
 
 #: The port a ``wss://`` URL means when it names none.
 WSS_DEFAULT_PORT = 443
+
+# A host name as DNS, SNI and the Host header carry it (underscores are seen in the wild).
+_HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+\Z")
 
 
 @final
@@ -166,9 +170,11 @@ def _check_host(host: str, field: str, target: object) -> str:
         ipaddress.ip_address(host)
     except ValueError:
         try:  # what DNS and SNI will need: empty or over-long labels fail here, not later
-            host.encode("idna")
+            ascii_name = host.encode("idna").decode("ascii")
         except UnicodeError as exc:
             raise ValueError(f"{field}: invalid host name {host!r}: {exc}") from None
+        if not _HOST_NAME.match(ascii_name):  # (the idna codec lets ';', ',', '\\' through)
+            raise ValueError(f"{field}: invalid host name {host!r}") from None
     return host
 
 

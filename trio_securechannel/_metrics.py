@@ -65,7 +65,8 @@ class PoolCollector(Collector):
             CounterMetricFamily,
             "errors",
             "Failures: connect phases (tcp, tls, websocket, timeout) and errors on lent"
-            " channels (io; ws_close: the relay closed a lent WebSocket).",
+            " channels (io; ws_close: the relay closed a lent WebSocket; too_big: a message"
+            " over websocket_max_message_size).",
             "kind",
         )
         exhausted = family(

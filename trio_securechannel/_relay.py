@@ -310,6 +310,13 @@ class Relay:
             )
         except BaseException as exc:
             self._slots.open_failed()
+            if isinstance(exc, ConnectError) and self._slots.closed:
+                # Cut short by the pool's own exit (e.g. the nursery a WebSocket reader
+                # needs is gone): no fault of the relay's.
+                if trial is not None:
+                    self._breaker.trial_abandoned(trial)
+                self._released()
+                raise PoolClosed(str(self.endpoint)) from exc
             if isinstance(exc, ConnectError):
                 self._stats.connect_failed(exc.phase)
                 self._breaker.failed(trio.current_time(), exc.reason, trial)
@@ -361,12 +368,7 @@ class Relay:
         """The lease ended normally (or a spare is ready, ``served=False``): keep the
         channel, or say why it must be closed."""
         now = trio.current_time()
-        if (
-            served
-            and self._breaker.consecutive_failures
-            and not channel.errors
-            and not channel.unanswered  # (a request without its reply proves nothing)
-        ):
+        if served and self._breaker.consecutive_failures and _served_well(channel):
             self._breaker.succeeded(now)  # (a success changes nothing when none failed)
         slots = self._slots
         if channel not in slots.in_use:
@@ -430,7 +432,7 @@ class Relay:
 
     async def _discard(self, channel: Channel, exc: BaseException | None) -> None:
         """The lease ended with an exception or a cancellation: never reuse the channel."""
-        if not channel.errors and not isinstance(exc, trio.Cancelled):
+        if _served_well(channel) and not isinstance(exc, trio.Cancelled):
             # The application's own error: the relay did its part.
             self._breaker.succeeded(trio.current_time())
         if channel not in self._slots.in_use:
@@ -512,6 +514,12 @@ class Relay:
         for channel in list(slots.in_use):
             slots.forget(channel)
             await self._retire(channel, "shutdown", graceful=False)
+
+
+def _served_well(channel: Channel) -> bool:
+    """Whether a lease's channel shows the relay did its part: no I/O error, its last
+    request answered, nothing cut short (a cancelled send or receive, a failed ping)."""
+    return not channel.errors and not channel.unanswered and channel.spent in (None, "slow")
 
 
 def _ms(seconds: float) -> float:

@@ -128,11 +128,13 @@ class WebSocketChannel(Channel):
         try:
             await connection.ping()
         except ConnectionClosed:
+            self._spend("stale")
             raise trio.BrokenResourceError(f"the WebSocket to {self.endpoint} is closed") from None
         except BaseException:
             self._spend("stale")
             raise
         if connection.reader_done:  # released by the reader's end, not by a pong
+            self._spend("stale")
             raise trio.BrokenResourceError(f"the WebSocket to {self.endpoint} is closed")
 
     def has_pending_input(self) -> bool:
@@ -145,6 +147,7 @@ class WebSocketChannel(Channel):
             or connection.closed is not None
             or connection.messages_arrived > self._messages_taken
             or connection.message_in_progress
+            or connection.mid_frame
             # Not read yet: perhaps a ping or a pong, but there is no telling.
             or self._unread_bytes()
         )
@@ -185,8 +188,9 @@ class PooledConnection(WebSocketConnection):
 
     def __init__(self, stream: trio.SSLStream[Any], endpoint: Endpoint, config: PoolConfig) -> None:
         assert endpoint.websocket_path is not None
+        self._frames = FrameWatch(stream)
         super().__init__(
-            stream,
+            self._frames,
             wsproto.WSConnection(wsproto.ConnectionType.CLIENT),
             host=endpoint.host_header,
             path=endpoint.websocket_path,
@@ -242,9 +246,87 @@ class PooledConnection(WebSocketConnection):
             self._recv_channel.close()
             await self._stream.aclose()  # a TLS close_notify; forceful if cancelled
 
+    @property
+    def mid_frame(self) -> bool:
+        """True while the reader holds part of a frame (no event for it yet)."""
+        return self._frames.mid_frame
+
     async def upgraded(self) -> None:
         """Wait for the upgrade to complete, or the reader to end first."""
         await self._open_handshake.wait()
+
+
+@final
+class FrameWatch(trio.abc.Stream):
+    """The TLS stream as trio-websocket reads it, watched for WebSocket frame boundaries.
+
+    A frame whose header came in one TLS record and whose rest has not come yet gives the
+    reader no event, but it is something the relay sent: an idle channel holding part of
+    a frame must not be lent. (Part of a TLS record cannot be seen at all; it is as if it
+    arrived just after the checkout.)
+    """
+
+    def __init__(self, stream: trio.SSLStream[Any]) -> None:
+        self._stream = stream
+        self._upgraded = False
+        self._answer_tail = b""  # the end of the HTTP answer so far, to find its end
+        self._header = bytearray()  # the current frame's header, while incomplete
+        self._payload_left = 0
+
+    @property
+    def mid_frame(self) -> bool:
+        return bool(self._header) or self._payload_left > 0
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self._stream.receive_some(max_bytes)
+        self._watch(data)
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    def _watch(self, data: bytes | bytearray) -> None:
+        view = memoryview(data)
+        if not self._upgraded:  # frames start after the HTTP answer to the upgrade
+            seen = self._answer_tail + bytes(view)
+            end = seen.find(b"\r\n\r\n")
+            if end < 0:
+                self._answer_tail = seen[-3:]
+                return
+            self._upgraded = True
+            view = memoryview(seen)[end + 4 :]
+        while view:
+            if self._payload_left:
+                taken = min(self._payload_left, len(view))
+                self._payload_left -= taken
+                view = view[taken:]
+                continue
+            self._header += view[:1]  # at most 14 header bytes a frame
+            view = view[1:]
+            if len(self._header) >= 2 and len(self._header) == _header_length(self._header):
+                self._payload_left = _payload_length(self._header)
+                self._header.clear()
+
+
+def _header_length(header: bytearray) -> int:
+    """RFC 6455 5.2: 2 bytes, a 16- or 64-bit extended length, a 4-byte mask key."""
+    length = header[1] & 0x7F
+    return 2 + {126: 2, 127: 8}.get(length, 0) + (4 if header[1] & 0x80 else 0)
+
+
+def _payload_length(header: bytearray) -> int:
+    length = header[1] & 0x7F
+    if length == 126:
+        return int.from_bytes(header[2:4], "big")
+    if length == 127:
+        return int.from_bytes(header[2:10], "big")
+    return length
 
 
 async def upgrade(
