@@ -307,20 +307,25 @@ class FrameWatch(trio.abc.Stream):
                 self._payload_left -= taken
                 view = view[taken:]
                 continue
-            self._header += view[:1]  # at most 14 header bytes a frame
+            if not self._header and len(view) >= 2 and len(view) >= _header_length(view):
+                self._payload_left = _payload_length(view)  # a whole header: the usual case
+                view = view[_header_length(view) :]
+                continue
+            self._header += view[:1]  # a header split between reads: a byte at a time
             view = view[1:]
             if len(self._header) >= 2 and len(self._header) == _header_length(self._header):
                 self._payload_left = _payload_length(self._header)
                 self._header.clear()
 
 
-def _header_length(header: bytearray) -> int:
+def _header_length(header: bytearray | memoryview) -> int:
     """RFC 6455 5.2: 2 bytes, a 16- or 64-bit extended length, a 4-byte mask key."""
     length = header[1] & 0x7F
-    return 2 + {126: 2, 127: 8}.get(length, 0) + (4 if header[1] & 0x80 else 0)
+    extended = 2 if length == 126 else 8 if length == 127 else 0
+    return 2 + extended + (4 if header[1] & 0x80 else 0)
 
 
-def _payload_length(header: bytearray) -> int:
+def _payload_length(header: bytearray | memoryview) -> int:
     length = header[1] & 0x7F
     if length == 126:
         return int.from_bytes(header[2:4], "big")
