@@ -42,6 +42,17 @@ async def test_demo_runs_and_prints_the_summary() -> None:
     assert done.stderr == b""
 
 
+async def test_demo_over_websocket_runs_and_counts_the_flaky_relays_resets() -> None:
+    done = await cli("demo", "--websocket", "--fault", "flaky", "--duration", "3")
+    out = done.stdout.decode()
+    assert done.returncode == 0, done.stderr.decode()
+    assert "relay:   wss://127.0.0.1:" in out
+    round_trips = next(line for line in out.splitlines() if "│ round trips  " in line)
+    assert int(round_trips.split("│")[2].strip().replace(",", "")) > 100
+    errors = next(line for line in out.splitlines() if "errors by kind" in line)
+    assert "io " in errors  # the relay's resets, each counted once
+
+
 async def test_demo_with_the_relay_going_down_opens_the_breaker() -> None:
     done = await cli("demo", "--duration", "6", "--fault", "down")
     out = done.stdout.decode()

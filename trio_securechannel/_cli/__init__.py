@@ -18,6 +18,7 @@ examples:
   trio-securechannel demo                      # 10 s of traffic through a local relay
   trio-securechannel demo --fault down         # watch the breaker open, half-open, close
   trio-securechannel demo --fault slow --workers 16 --duration 20
+  trio-securechannel demo --websocket --fault flaky   # WebSocket messages over wss://
 """
 _PROBE_EXAMPLES = """\
 examples:
@@ -54,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="make the relay misbehave: reset some requests (flaky), go down and come back "
         "(down), answer slowly on some connections (slow)",
+    )
+    demo.add_argument(
+        "--websocket",
+        action="store_true",
+        help="the relay speaks WebSocket over TLS (wss://): messages instead of bytes",
     )
 
     probe = commands.add_parser(
@@ -93,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from ._demo import demo
 
-            return demo(args.duration, args.workers, args.fault)
+            return demo(args.duration, args.workers, args.fault, args.websocket)
         if args.command == "probe":
             from ._probe import probe
 

@@ -49,18 +49,14 @@ class Traffic:
         return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
 
-async def worker(pool: sc.SecureChannelPool, traffic: Traffic) -> None:
+async def worker(pool: sc.SecureChannelPool, traffic: Traffic, websocket: bool) -> None:
     while not traffic.stop.is_set():  # stop between round trips: channels go back whole
         began = trio.current_time()
         try:
-            async with pool.connection() as channel:
-                await channel.send_all(PAYLOAD)
-                reply = b""
-                while len(reply) < len(PAYLOAD):
-                    chunk = await channel.receive_some()
-                    if not chunk:
-                        raise trio.BrokenResourceError("the relay closed the channel")
-                    reply += chunk
+            if websocket:
+                await _message_round_trip(pool)
+            else:
+                await _stream_round_trip(pool)
             traffic.round_trips += 1
             traffic.latencies.append(trio.current_time() - began)
         except sc.CircuitOpen as exc:
@@ -69,6 +65,24 @@ async def worker(pool: sc.SecureChannelPool, traffic: Traffic) -> None:
         except (sc.SecureChannelError, trio.BrokenResourceError) as exc:
             traffic.failed(exc)
             await trio.sleep(0.05)
+
+
+async def _stream_round_trip(pool: sc.SecureChannelPool) -> None:
+    async with pool.connection() as channel:
+        await channel.send_all(PAYLOAD)
+        reply = b""
+        while len(reply) < len(PAYLOAD):
+            chunk = await channel.receive_some()
+            if not chunk:
+                raise trio.BrokenResourceError("the relay closed the channel")
+            reply += chunk
+
+
+async def _message_round_trip(pool: sc.SecureChannelPool) -> None:
+    async with pool.websocket() as channel:
+        await channel.send_message(PAYLOAD.decode())
+        if await channel.get_message() != PAYLOAD.decode():
+            raise trio.BrokenResourceError("the relay answered something else")
 
 
 def live_table(pool: sc.SecureChannelPool, traffic: Traffic, elapsed: float) -> Table:
@@ -112,8 +126,10 @@ def summary_table(status: dict[str, Any], traffic: Traffic, elapsed: float) -> T
     return table
 
 
-async def run_demo(duration: float, workers: int, fault: Fault, console: Console) -> None:
-    relay = DemoRelay(fault)
+async def run_demo(
+    duration: float, workers: int, fault: Fault, console: Console, websocket: bool = False
+) -> None:
+    relay = DemoRelay(fault, websocket=websocket)
     token = secrets.token_urlsafe(16)
     traffic = Traffic()
     async with trio.open_nursery() as nursery:
@@ -131,10 +147,12 @@ async def run_demo(duration: float, workers: int, fault: Fault, console: Console
             "metrics_auth_token": token,
             "namespace": "demo",
         }
-        async with sc.open_pool(("127.0.0.1", relay.port), **options) as pool:
+        scheme = "wss" if websocket else "tls"
+        target = f"{scheme}://127.0.0.1:{relay.port}" + ("/" if websocket else "")
+        async with sc.open_pool(target, **options) as pool:
             assert pool.metrics_address is not None
             host, port = pool.metrics_address
-            console.print(f"relay:   tls://127.0.0.1:{relay.port} (throwaway CA), fault: {fault}")
+            console.print(f"relay:   {target} (throwaway CA), fault: {fault}")
             console.print(f"metrics: http://{host}:{port}/metrics  /status  /healthz  /events")
             console.print(f"token:   {token}")
             console.print(f'try:     curl -H "Authorization: Bearer {token}" '
@@ -143,7 +161,7 @@ async def run_demo(duration: float, workers: int, fault: Fault, console: Console
             nursery.start_soon(_stop_on_ctrl_c, traffic.stop)
             async with trio.open_nursery() as traffic_nursery:
                 for _ in range(workers):
-                    traffic_nursery.start_soon(worker, pool, traffic)
+                    traffic_nursery.start_soon(worker, pool, traffic, websocket)
                 with Live(console=console, refresh_per_second=4, transient=True) as live:
                     with trio.move_on_after(duration):
                         while not traffic.stop.is_set():
@@ -167,13 +185,13 @@ async def _stop_on_ctrl_c(stop: trio.Event) -> None:
             return
 
 
-def demo(duration: float, workers: int, fault: Fault) -> int:
+def demo(duration: float, workers: int, fault: Fault, websocket: bool = False) -> int:
     console = Console()
     # The pool's own warnings (the breaker opening, spares failing) scroll above the live
     # table instead of tearing through it.
     handler = RichHandler(console=console, show_path=False, markup=False)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s")
-    trio.run(run_demo, duration, workers, fault, console)
+    trio.run(run_demo, duration, workers, fault, console, websocket)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The demo's relay: a TLS echo server on 127.0.0.1 that can be told to misbehave."""
+"""The demo's relay: a TLS echo server on 127.0.0.1 (raw, or WebSocket over the same TLS)
+that can be told to misbehave."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any, Literal
 
 import trio
 import trustme
+from trio_websocket import ConnectionClosed, wrap_server_stream
 
 Fault = Literal["none", "flaky", "down", "slow"]
 
@@ -24,8 +26,9 @@ SLOW_DELAY = 0.120
 class DemoRelay:
     """Echoes what it receives; misbehaves as its ``fault`` says."""
 
-    def __init__(self, fault: Fault) -> None:
+    def __init__(self, fault: Fault, *, websocket: bool = False) -> None:
         self.fault = fault
+        self.websocket = websocket  # echo WebSocket messages rather than bytes
         self.ca = trustme.CA(organization_name="trio-securechannel demo (throwaway)")
         self.server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.ca.issue_cert("127.0.0.1").configure_cert(self.server_context)
@@ -73,8 +76,11 @@ class DemoRelay:
         self._live.add(transport)
         try:
             await stream.do_handshake()
+            if self.websocket:
+                await self._echo_messages(stream, transport, slow)
+                return
             while data := await stream.receive_some():
-                if self.fault == "flaky" and self._random.random() < FLAKY_RATE:
+                if self._flaky_now():
                     _reset(transport)
                     return
                 if slow:
@@ -85,6 +91,28 @@ class DemoRelay:
         finally:
             self._live.discard(transport)
             await trio.aclose_forcefully(stream)
+
+    async def _echo_messages(
+        self, stream: trio.SSLStream[Any], transport: trio.SocketStream, slow: bool
+    ) -> None:
+        async with trio.open_nursery() as nursery:  # for the session's reader task
+            session = await (await wrap_server_stream(nursery, stream)).accept()
+            try:
+                while True:
+                    message = await session.get_message()
+                    if self._flaky_now():
+                        _reset(transport)
+                        return
+                    if slow:
+                        await trio.sleep(SLOW_DELAY)
+                    await session.send_message(message)
+            except ConnectionClosed:
+                pass  # the client closed (or went): inside the nursery, so caught here
+            finally:
+                nursery.cancel_scope.cancel()
+
+    def _flaky_now(self) -> bool:
+        return self.fault == "flaky" and self._random.random() < FLAKY_RATE
 
 
 def _reset(transport: Any) -> None:
