@@ -16,7 +16,7 @@ import trio
 import trustme
 
 import trio_securechannel as sc
-from trio_securechannel import Endpoint
+from trio_securechannel import Endpoint, PoolConfig
 from trio_securechannel._connect import open_channel
 
 from conftest import CA, make_server_context
@@ -290,7 +290,9 @@ async def test_spare_absorbs_session_tickets_sent_right_after_handshake(
     # handshake. Nobody reads a spare, so the spare reads them itself before it is pooled;
     # otherwise it would look, at checkout, like a channel whose relay spoke unasked.
     relay.tickets_right_away = True
-    control = await open_channel(Endpoint(*relay.target), client_context, connect_timeout=5.0)
+    control = await open_channel(
+        Endpoint(*relay.target), client_context, PoolConfig(connect_timeout=5.0)
+    )
     await wait_until(control.has_pending_input)  # opened directly: nobody read its tickets
     await control.aclose()
     async with sc.open_pool(relay.target, ssl_context=client_context, min_idle=1) as pool:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import trio
 
 from ._channel import Channel, SecureChannel
-from ._config import OpenTransport, PoolConfig
+from ._config import PoolConfig
 from ._endpoint import Endpoint
 from ._errors import ConnectError
 from ._websocket import UpgradeFailed, WebSocketChannel, upgrade
@@ -22,54 +22,47 @@ if sys.version_info < (3, 11):
 async def open_channel(
     endpoint: Endpoint,
     ssl_context: ssl.SSLContext,
+    config: PoolConfig,
     *,
-    connect_timeout: float,
-    open_transport: OpenTransport | None = None,
     on_error: Callable[[Channel, str], None] | None = None,
     nursery: trio.Nursery | None = None,
-    config: PoolConfig | None = None,
 ) -> Channel:
-    """Connect to ``endpoint`` and complete a verified TLS handshake within the timeout.
+    """Connect to ``endpoint`` and complete a verified TLS handshake, within
+    ``config.connect_timeout`` (over ``config.open_transport`` when set).
 
-    For a ``wss://`` endpoint the WebSocket upgrade follows, within the same timeout,
-    and its reader task is started in ``nursery``; ``config`` gives its ``websocket_*``
-    options (None: the defaults). Whatever happens before the channel
-    is ready (an error, a timeout, a cancellation), the half-made connection is closed
-    before this returns or raises.
+    For a ``wss://`` endpoint the WebSocket upgrade follows, within the same timeout, with
+    ``config``'s ``websocket_*`` options; its reader task is started in ``nursery``.
+    Whatever happens before the channel is ready (an error, a timeout, a cancellation),
+    the half-made connection is closed before this returns or raises.
 
     Raises:
         ConnectError: TCP, DNS, TLS or WebSocket upgrade failure, or ``connect_timeout``
             ran out.
     """
-    opener = open_transport or trio.open_tcp_stream
+    opener = config.open_transport or trio.open_tcp_stream
     name = str(endpoint)
+    connection = None
     try:
         # A handshake without a deadline hangs forever on a peer that never speaks TLS.
-        with trio.fail_after(connect_timeout):
+        with trio.fail_after(config.connect_timeout):
             transport = await opener(endpoint.host, endpoint.port)
             try:
                 handshake_began = trio.current_time()
                 ssl_stream = trio.SSLStream(transport, ssl_context, server_hostname=endpoint.host)
                 await ssl_stream.do_handshake()
-                if endpoint.websocket_path is not None:
+                if endpoint.is_websocket:
                     if nursery is None:
                         raise RuntimeError("a WebSocket channel needs a nursery for its reader")
-                    options = config if config is not None else PoolConfig()
-                    connection = await upgrade(ssl_stream, endpoint, nursery, options)
-                    return WebSocketChannel(
-                        ssl_stream,
-                        endpoint,
-                        connection,
-                        on_error=on_error,
-                        handshake_seconds=trio.current_time() - handshake_began,
-                    )
+                    connection = await upgrade(ssl_stream, endpoint, nursery, config)
             except BaseException:
                 await trio.aclose_forcefully(transport)
                 raise
     except trio.TooSlowError:
         session = "WebSocket" if endpoint.is_websocket else "TLS"
         raise ConnectError(
-            name, "timeout", f"no {session} session within connect_timeout={connect_timeout:g}s"
+            name,
+            "timeout",
+            f"no {session} session within connect_timeout={config.connect_timeout:g}s",
         ) from None
     except trio.BrokenResourceError as exc:
         cause = exc.__cause__ if isinstance(exc.__cause__, BaseException) else exc
@@ -82,11 +75,17 @@ async def open_channel(
         # Whatever else a resolver or a custom transport raises (UnicodeError for a name
         # IDNA cannot encode, ...) is still a failure to connect, reported as one.
         raise ConnectError(name, "tcp", f"cannot connect: {_describe(exc)}") from exc
+    handshake_seconds = trio.current_time() - handshake_began
+    if connection is not None:
+        return WebSocketChannel(
+            ssl_stream,
+            endpoint,
+            connection,
+            on_error=on_error,
+            handshake_seconds=handshake_seconds,
+        )
     return SecureChannel(
-        ssl_stream,
-        endpoint,
-        on_error=on_error,
-        handshake_seconds=trio.current_time() - handshake_began,
+        ssl_stream, endpoint, on_error=on_error, handshake_seconds=handshake_seconds
     )
 
 

@@ -302,11 +302,9 @@ class Relay:
             channel = await open_channel(
                 self.endpoint,
                 self.ssl_context,
-                connect_timeout=self.config.connect_timeout,
-                open_transport=self.config.open_transport,
+                self.config,
                 on_error=self._channel_failed,
                 nursery=self._nursery,
-                config=self.config,
             )
         except BaseException as exc:
             self._slots.open_failed()
