@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from functools import partial
 from typing import TYPE_CHECKING, final
@@ -170,15 +171,13 @@ class Upkeep:
 
 
 async def _keep_alive(channel: WebSocketChannel, patience: float) -> None:
-    """Ping; a channel whose pong does not come back in time is never lent again."""
-    with trio.move_on_after(patience):
-        try:
-            await channel.ping()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # (closed: a checkout found it unfit meanwhile)
-        else:
-            return
-    channel.retire_when_returned("stale")  # (a timed-out ping has already said so)
+    """Ping. A ping that fails or times out leaves the channel spent ("stale"), so it is
+    never lent again; one closed meanwhile (a checkout found it unfit) is spent too."""
+    with (
+        trio.move_on_after(patience),
+        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+    ):
+        await channel.ping()
 
 
 def _too_slow(channel: Channel, max_latency_ms: float) -> bool:
