@@ -856,3 +856,25 @@ async def test_a_connect_cut_short_by_the_pools_exit_is_pool_closed(
     await wait_until(lambda: bool(outcome))
     assert isinstance(outcome[0], sc.PoolClosed)
     assert pool.status()["breaker"]["consecutive_failures"] == 0
+
+
+async def test_a_websocket_block_cancelled_mid_wait_discards_its_channel(
+    ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+) -> None:
+    # FAULTS row 11 for messages: the cancellation comes out bare, the channel is not
+    # reused, and the reply that comes later reaches nobody.
+    ws_relay.echo_delay = 0.2
+    async with sc.open_pool(ws_relay.url, ssl_context=client_context) as pool:
+        with trio.move_on_after(0.05) as scope:
+            async with pool.websocket() as first:
+                await first.send_message("late reply")
+                await first.get_message()
+        assert scope.cancelled_caught
+        assert first.closed
+        assert closed_by(pool) == {"aborted": 1}
+        assert pool.status()["errors_total"] == 0
+        ws_relay.echo_delay = 0
+        async with pool.websocket() as second:
+            assert second is not first
+            assert await call(second, "mine") == "mine"
+        assert books(pool)["in_use"] == 0
