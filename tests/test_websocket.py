@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import trio
@@ -514,35 +514,6 @@ async def test_a_message_the_reader_has_not_read_yet_makes_the_channel_stale(
         assert closed_by(pool) == {"stale": 1}
 
 
-async def test_a_message_half_received_makes_the_channel_stale(
-    nursery: trio.Nursery, client_context: ssl.SSLContext
-) -> None:
-    first_half_sent = trio.Event()
-
-    async def echo_then_push_in_two_parts(stream: TLS, ws: WSConnection) -> None:
-        await accept(stream, ws)
-        while isinstance(message := await next_message(stream, ws), Message):
-            await stream.send_all(ws.send(TextMessage(data=message.data)))
-            if message.data == "subscribe":
-                await stream.send_all(ws.send(TextMessage(data="pushed ", message_finished=False)))
-                first_half_sent.set()
-                await trio.sleep(0.2)
-                await stream.send_all(ws.send(TextMessage(data="late", message_finished=True)))
-
-    relay = ScriptedRelay(make_server_context(), echo_then_push_in_two_parts)
-    await nursery.start(relay.serve)
-    async with sc.open_pool(relay.url, ssl_context=client_context) as pool:
-        async with pool.websocket() as first:
-            assert await call(first, "subscribe") == "subscribe"
-        await first_half_sent.wait()
-        await wait_until(lambda: first._connection.message_in_progress)
-        assert first.has_pending_input()
-        async with pool.websocket() as second:
-            assert second is not first
-            assert await call(second, "mine") == "mine"
-        assert closed_by(pool) == {"stale": 1}
-
-
 async def test_a_relay_that_accepts_and_then_closes_every_session_opens_its_breaker(
     nursery: trio.Nursery, ws_relay: WebSocketRelay, client_context: ssl.SSLContext
 ) -> None:
@@ -754,33 +725,53 @@ async def test_a_keepalive_meeting_a_channel_closed_meanwhile_lets_it_go(
         assert not channel.reusable
 
 
-async def test_a_frame_whose_header_came_alone_makes_an_idle_channel_stale(
-    nursery: trio.Nursery, client_context: ssl.SSLContext
-) -> None:
-    header_sent = trio.Event()
+async def send_a_fragment_then_the_rest(stream: TLS, ws: WSConnection) -> None:
+    await stream.send_all(ws.send(TextMessage(data="pushed ", message_finished=False)))
+    await trio.sleep(0.3)
+    await stream.send_all(ws.send(TextMessage(data="late", message_finished=True)))
 
-    async def echo_then_push_a_split_frame(stream: TLS, ws: WSConnection) -> None:
+
+async def send_a_frame_header_then_the_rest(stream: TLS, ws: WSConnection) -> None:
+    frame = ws.send(TextMessage(data="NOTIFICATION"))
+    await stream.send_all(frame[:2])  # its header, in a TLS record of its own
+    await trio.sleep(0.3)
+    await stream.send_all(frame[2:])
+
+
+@pytest.mark.parametrize(
+    ("push", "held_part"),
+    [
+        (send_a_fragment_then_the_rest, "message_in_progress"),
+        (send_a_frame_header_then_the_rest, "mid_frame"),
+    ],
+    ids=["fragment", "frame header"],
+)
+async def test_a_push_half_received_makes_an_idle_channel_stale(
+    nursery: trio.Nursery,
+    client_context: ssl.SSLContext,
+    push: Callable[[TLS, WSConnection], Awaitable[None]],
+    held_part: str,
+) -> None:
+    async def echo_then_push(stream: TLS, ws: WSConnection) -> None:
         await accept(stream, ws)
         while isinstance(message := await next_message(stream, ws), Message):
             await stream.send_all(ws.send(TextMessage(data=message.data)))
             if message.data == "subscribe":
-                frame = ws.send(TextMessage(data="NOTIFICATION"))
-                await stream.send_all(frame[:2])  # its header, in a TLS record of its own
-                header_sent.set()
-                await trio.sleep(0.3)
-                await stream.send_all(frame[2:])
+                await push(stream, ws)
 
-    relay = ScriptedRelay(make_server_context(), echo_then_push_a_split_frame)
+    relay = ScriptedRelay(make_server_context(), echo_then_push)
     await nursery.start(relay.serve)
     async with sc.open_pool(relay.url, ssl_context=client_context) as pool:
         async with pool.websocket() as first:
             assert await call(first, "subscribe") == "subscribe"
-        await header_sent.wait()
-        await wait_until(lambda: first._connection.mid_frame)
+        # The reader holds part of the push and has made no message of it yet.
+        await wait_until(lambda: getattr(first._connection, held_part))
+        assert first._connection.messages_arrived == first._messages_taken
         assert first.has_pending_input()
         async with pool.websocket() as second:
             assert second is not first
             assert await call(second, "mine") == "mine"
+        assert closed_by(pool) == {"stale": 1}
 
 
 @pytest.mark.parametrize(
