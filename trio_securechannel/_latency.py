@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left
+from itertools import accumulate
 from typing import Any, final
 
 _R10 = (1.0, 1.25, 1.6, 2.0, 2.5, 3.15, 4.0, 5.0, 6.3, 8.0)
@@ -57,18 +58,18 @@ class Histogram:
 
     def quantile(self, q: float) -> float | None:
         """The ``q`` quantile, interpolated within its bucket; None when empty."""
-        if not self.count:
-            return None
+        return self._quantile(q, list(accumulate(self.counts))) if self.count else None
+
+    def _quantile(self, q: float, cumulative: list[int]) -> float:
         rank = q * self.count
-        seen = 0
-        for index, value in enumerate(self.counts):
-            if value and seen + value >= rank:
-                if index == len(BOUNDS):
-                    return BOUNDS[-1]  # beyond the last bound: all we can say
-                lower = BOUNDS[index - 1] if index else 0.0
-                return lower + (BOUNDS[index] - lower) * (rank - seen) / value
-            seen += value
-        return BOUNDS[-1]
+        # The first bucket whose running total reaches the rank (it is never empty).
+        index = bisect_left(cumulative, rank)
+        if index >= len(BOUNDS):
+            return BOUNDS[-1]  # beyond the last bound: all we can say
+        value = self.counts[index]
+        seen = cumulative[index] - value
+        lower = BOUNDS[index - 1] if index else 0.0
+        return lower + (BOUNDS[index] - lower) * (rank - seen) / value
 
     def prometheus_buckets(self) -> list[tuple[str, float]]:
         """Cumulative ``(le, count)`` pairs for the published bounds, ``+Inf`` last."""
@@ -84,9 +85,12 @@ class Histogram:
     def summary(self) -> dict[str, Any]:
         """Count and p50/p90/p99 in milliseconds, for `status()`."""
 
-        def ms(q: float) -> float | None:
-            value = self.quantile(q)
-            return None if value is None else round(value * 1000, 3)
+        if not self.count:
+            return {"count": 0, "p50_ms": None, "p90_ms": None, "p99_ms": None}
+        cumulative = list(accumulate(self.counts))
+
+        def ms(q: float) -> float:
+            return round(self._quantile(q, cumulative) * 1000, 3)
 
         return {"count": self.count, "p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99)}
 
