@@ -8,6 +8,13 @@ from typing import Any
 import trio
 
 import trio_securechannel as sc
+from trio_securechannel._relay import Relay
+
+
+def relay_of(pool: sc.SecureChannelPool) -> Relay:
+    """The relay of a one-relay pool, for tests that pull its levers directly."""
+    (relay,) = pool._relays
+    return relay
 
 
 def books(pool: sc.SecureChannelPool) -> dict[str, Any]:

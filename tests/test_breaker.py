@@ -20,7 +20,7 @@ from trio_securechannel import BreakerState
 from trio_securechannel._breaker import CircuitBreaker
 
 from conftest import make_server_context
-from helpers import books, echo, wait_until
+from helpers import books, echo, relay_of, wait_until
 from relay import MemoryRelay, Relay, closed_port
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
@@ -643,7 +643,7 @@ async def test_a_trial_waits_its_turn_when_every_slot_is_lent(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(hold)
             await trio.testing.wait_all_tasks_blocked()
-            pool._relay._breaker.failed(trio.current_time(), "a failure elsewhere")  # opens it
+            relay_of(pool).breaker.failed(trio.current_time(), "a failure elsewhere")  # opens it
             await trio.sleep(5.0)
 
             async def release_later() -> None:
@@ -721,7 +721,7 @@ async def test_a_waiter_handed_a_channel_after_the_opening_gets_circuit_open(
             nursery.start_soon(wait_in_line)
             await trio.testing.wait_all_tasks_blocked()
             assert books(pool)["waiting"] == 1
-            pool._relay._breaker.failed(trio.current_time(), "another channel broke")
+            relay_of(pool).breaker.failed(trio.current_time(), "another channel broke")
         assert outcome == ["circuit open"]
         assert memory_relay.echoed_bytes == 4  # only A's "held" ever reached the relay
         assert books(pool)["idle"] == 1  # the channel went back, nothing leaked

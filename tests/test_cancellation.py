@@ -16,7 +16,7 @@ import trio
 
 import trio_securechannel as sc
 
-from helpers import assert_all_slots_free, books, echo, wait_until
+from helpers import assert_all_slots_free, books, echo, relay_of, wait_until
 from relay import Relay
 
 
@@ -78,7 +78,7 @@ async def test_cancel_at_every_await_of_a_fresh_checkout(
             assert status["in_use"] == status["opening"] == status["waiting"] == 0
             assert status["idle"] <= 1
             # A channel that saw a cancellation never returns to the pool.
-            for channel in pool._relay._slots.idle:
+            for channel in pool.channels():
                 assert channel.reusable
             # Empty the pool so the next run opens (and is cancelled during) a new channel.
             await _drain_idle(pool)
@@ -176,6 +176,4 @@ async def test_cancel_during_handshake_closes_the_half_made_connection(
 
 
 async def _drain_idle(pool: sc.SecureChannelPool) -> None:
-    for channel in list(pool._relay._slots.idle):
-        pool._relay._slots.evict_idle(channel)
-        await pool._relay._retire(channel, "test", graceful=False)
+    await relay_of(pool).close_idle("test")

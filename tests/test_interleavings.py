@@ -47,7 +47,7 @@ class BooksNeverOverflow(trio.abc.Instrument):
         self.peak = 0
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
-        slots = self.pool._relay._slots
+        slots = self.pool._relays[0]._books
         assert slots.total <= slots.max_connections, slots.__dict__
         self.peak = max(self.peak, slots.total)
 

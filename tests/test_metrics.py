@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import trio_securechannel as sc
 
-from helpers import books, echo
+from helpers import books, echo, relay_of
 from http_client import request
 from relay import MemoryRelay, Relay
 
@@ -65,9 +65,7 @@ async def busy_pool_metrics(
             with pytest.raises(sc.PoolExhausted):
                 async with pool.connection():
                     pass
-        for idle in list(pool._relay._slots.idle):  # so that the next checkout must connect
-            pool._relay._slots.evict_idle(idle)
-            await pool._relay._retire(idle, "test", graceful=False)
+        await relay_of(pool).close_idle("test")  # so that the next checkout must connect
         relay.mode = "hangup"
         for _ in range(pool.config.breaker_failure_threshold):
             with pytest.raises(sc.ConnectError):

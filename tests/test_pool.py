@@ -20,7 +20,7 @@ from trio_securechannel import Endpoint, PoolConfig
 from trio_securechannel._connect import open_channel
 
 from conftest import CA, make_server_context
-from helpers import assert_all_slots_free, books, echo, wait_until
+from helpers import assert_all_slots_free, books, echo, relay_of, wait_until
 from relay import Relay, closed_port
 
 
@@ -297,7 +297,8 @@ async def test_spare_absorbs_session_tickets_sent_right_after_handshake(
     await control.aclose()
     async with sc.open_pool(relay.target, ssl_context=client_context, min_idle=1) as pool:
         await wait_until(lambda: books(pool)["idle"] == 1)
-        assert not pool._relay._slots.idle[0].has_pending_input()  # the tickets were read
+        (spare,) = pool.channels()
+        assert not spare.has_pending_input()  # the tickets were read
         async with pool.connection() as channel:
             assert channel.ssl_stream.version() == "TLSv1.3"
             assert await echo(channel, b"warm") == b"warm"
@@ -568,7 +569,7 @@ async def test_full_duplex_use_measures_sane_round_trips(
         slowest = channel.round_trips.recent().quantile(1.0)
         assert slowest is not None
         assert slowest < 5.0
-        await pool._relay._upkeep.clean()
+        relay_of(pool).clean()
         assert not channel.closed  # not mistaken for a slow channel
 
 

@@ -235,7 +235,7 @@ async def test_channel_events_name_their_relay(
         sc.open_pool(tuple(targets))  # type: ignore[arg-type]
     async with sc.open_pool(targets, ssl_context=client_context) as pool:
         assert [str(e) for e in pool.endpoints] == targets
-        with pool._events.subscribe() as events:
+        with pool.events() as events:
             async with pool.connection() as channel:
                 assert await echo(channel, b"x") == b"x"
             opened = await events.__anext__()

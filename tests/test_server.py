@@ -16,7 +16,7 @@ from trio_websocket import ConnectionClosed, open_websocket_url, wrap_client_str
 import trio_securechannel as sc
 import trio_securechannel._server as server_module
 
-from helpers import echo
+from helpers import echo, relay_of
 from http_client import raw_exchange, request
 from relay import Relay
 
@@ -194,9 +194,7 @@ async def test_events_stream_over_websocket(relay: Relay, client_context: ssl.SS
             assert opened["type"] == "channel_opened"
             assert opened["channel"] == channel.id
             relay.mode = "hangup"
-            for idle in list(pool._relay._slots.idle):
-                pool._relay._slots.evict_idle(idle)
-                await pool._relay._retire(idle, "test", graceful=False)
+            await relay_of(pool).close_idle("test")
             closed = json.loads(await ws.get_message())
             assert closed == {
                 "type": "channel_closed",

@@ -17,7 +17,7 @@ import trio.testing
 import trio_securechannel as sc
 from trio_securechannel._upkeep import SPARE_CONCURRENCY
 
-from helpers import books, echo
+from helpers import books, echo, relay_of
 from relay import MemoryRelay
 
 
@@ -163,10 +163,7 @@ async def test_acquire_and_connect_timeouts_are_exact(
             assert trio.current_time() - start == 2.5
         memory_relay.mode = "silent"
         await check_out_together(pool, 0)
-        idle = list(pool._relay._slots.idle)
-        for channel in idle:  # drop the warm channel so the next checkout must connect
-            pool._relay._slots.evict_idle(channel)
-            await pool._relay._retire(channel, "test", graceful=False)
+        await relay_of(pool).close_idle("test")  # so that the next checkout must connect
         start = trio.current_time()
         with pytest.raises(sc.ConnectError, match="connect_timeout=4s"):
             async with pool.connection():
@@ -174,12 +171,12 @@ async def test_acquire_and_connect_timeouts_are_exact(
         assert trio.current_time() - start == 4.0
 
 
-async def test_a_transport_raising_anything_is_a_connect_error_and_spares_survive(
+async def test_a_transport_error_is_a_connect_error_and_spares_survive(
     autojump_clock: trio.testing.MockClock, client_context: ssl.SSLContext
 ) -> None:
     async def broken_proxy(host: str, port: int) -> trio.abc.Stream:
         await trio.sleep(0.1)
-        raise RuntimeError("proxy misconfigured")
+        raise OSError("proxy misconfigured")
 
     options: dict[str, Any] = {"min_idle": 2, "breaker_failure_threshold": 100}
     async with sc.open_pool(
@@ -188,6 +185,35 @@ async def test_a_transport_raising_anything_is_a_connect_error_and_spares_surviv
         with pytest.raises(sc.ConnectError, match="proxy misconfigured") as info:
             async with pool.connection():
                 pass
-        assert isinstance(info.value.__cause__, RuntimeError)
+        assert isinstance(info.value.__cause__, OSError)
         await trio.sleep(60)  # the spare keeper keeps failing, and keeps the pool alive
         assert pool.status()["errors_by_kind"]["tcp"] > 3
+
+
+async def test_a_bug_in_the_transport_comes_out_as_itself_and_spares_survive(
+    autojump_clock: trio.testing.MockClock,
+    client_context: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Not a failure to connect: the relay is not to blame (no breaker count, no error
+    # kind), the caller sees the bug itself, and the spare keeper logs it with its
+    # traceback and goes on.
+    async def buggy_proxy(host: str, port: int) -> trio.abc.Stream:
+        await trio.sleep(0.1)
+        raise RuntimeError("proxy misconfigured")
+
+    options: dict[str, Any] = {"min_idle": 2, "breaker_failure_threshold": 1}
+    async with sc.open_pool(
+        "relay.test:443", ssl_context=client_context, open_transport=buggy_proxy, **options
+    ) as pool:
+        with pytest.raises(RuntimeError, match="proxy misconfigured"):
+            async with pool.connection():
+                pass
+        await trio.sleep(60)
+        status = pool.status()
+        assert status["errors_total"] == 0
+        assert status["breaker"]["state"] == "closed"
+        assert books(pool)["opening"] <= 1  # (a spare may be trying again)
+    spare_logs = [r for r in caplog.records if "could not open a spare" in r.getMessage()]
+    assert len(spare_logs) > 3
+    assert all(r.exc_info is not None for r in spare_logs)  # a bug: with its traceback

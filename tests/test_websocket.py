@@ -20,7 +20,7 @@ from wsproto.events import AcceptConnection, CloseConnection, Message, TextMessa
 import trio_securechannel as sc
 
 from conftest import make_server_context
-from helpers import books, wait_until
+from helpers import books, relay_of, wait_until
 from relay import Relay
 from ws_relay import Proxy, ScriptedRelay, WebSocketRelay, accept, next_message
 
@@ -55,6 +55,12 @@ def closed_by(pool: sc.SecureChannelPool) -> dict[str, int]:
 async def call(channel: sc.WebSocketChannel, message: str | bytes) -> str | bytes:
     await channel.send_message(message)
     return await channel.get_message()
+
+
+def unread_bytes(channel: sc.WebSocketChannel) -> bool:
+    """Whether bytes wait in the channel's socket (or TLS buffer) that nobody has read."""
+    tls = channel.ssl_stream
+    return bool(tls.pending()) or bool(tls.transport_stream.socket.is_readable())
 
 
 def reader_tasks() -> list[trio.lowlevel.Task]:
@@ -125,8 +131,8 @@ async def test_reader_tasks_run_in_the_pools_nursery_and_end_with_it(
         readers = reader_tasks()
         assert len(readers) == 2
         # In the nursery open_pool opens in the caller's task: none hidden per connection.
-        assert all(reader.parent_nursery is pool._relay._nursery for reader in readers)
-        assert pool._relay._nursery.parent_task is trio.lowlevel.current_task()
+        assert all(reader.parent_nursery is relay_of(pool)._nursery for reader in readers)
+        assert relay_of(pool)._nursery.parent_task is trio.lowlevel.current_task()
     assert reader_tasks() == []
 
 
@@ -336,7 +342,7 @@ async def test_keepalive_pings_find_a_black_holed_relay(
     ) as pool:
         async with pool.websocket() as first:
             assert await call(first, "one") == "one"
-        upkeep = pool._relay._upkeep
+        upkeep = relay_of(pool)._upkeep
         await upkeep.clean()  # the pong comes back: kept
         assert books(pool)["idle"] == 1
         assert closed_by(pool) == {}
@@ -384,7 +390,7 @@ async def test_a_channel_lent_while_its_ping_goes_unanswered_is_not_pooled_again
             assert await call(first, "one") == "one"
         proxy.black_hole = True
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(pool._relay._upkeep.clean)
+            nursery.start_soon(relay_of(pool)._upkeep.clean)
             await trio.sleep(0.1)  # the ping is out
             async with pool.websocket() as lent:
                 assert lent is first  # nothing told the pool yet
@@ -502,11 +508,11 @@ async def test_a_message_the_reader_has_not_read_yet_makes_the_channel_stale(
             assert await call(first, "subscribe") == "subscribe"
         proxy.hold = True
         await ws_relay.push("for the last user")
-        await wait_until(lambda: bool(proxy._held))
+        await wait_until(lambda: proxy.holding > 0)
         proxy.hold = False
         proxy.deliver_held_now()  # in the socket, and no task of ours has run since
         time.sleep(0.02)  # (loopback delivery)  # noqa: ASYNC251 - on purpose: nothing may run
-        assert first._connection.messages_arrived == 1  # the reader has not seen it
+        assert unread_bytes(first)  # the reader has not seen it: it is all in the socket
         assert first.has_pending_input()
         async with pool.websocket() as second:
             assert second is not first
@@ -621,7 +627,7 @@ async def test_a_keepalive_on_a_connection_that_dies_returns_at_once(
 
         nursery.start_soon(reset_soon)
         began = trio.current_time()
-        await pool._relay._upkeep.clean()  # its ping is out when the connection dies
+        await relay_of(pool)._upkeep.clean()  # its ping is out when the connection dies
         assert trio.current_time() - began < 1  # not connect_timeout
         assert closed_by(pool) == {"stale": 1}
         with pytest.raises(trio.ClosedResourceError):
@@ -725,48 +731,53 @@ async def test_a_keepalive_meeting_a_channel_closed_meanwhile_lets_it_go(
         assert not channel.reusable
 
 
-async def send_a_fragment_then_the_rest(stream: TLS, ws: WSConnection) -> None:
+async def send_a_fragment_then_the_rest(stream: TLS, ws: WSConnection, sent: list[str]) -> None:
     await stream.send_all(ws.send(TextMessage(data="pushed ", message_finished=False)))
+    sent.append("part")
     await trio.sleep(0.3)
     await stream.send_all(ws.send(TextMessage(data="late", message_finished=True)))
+    sent.append("rest")
 
 
-async def send_a_frame_header_then_the_rest(stream: TLS, ws: WSConnection) -> None:
+async def send_a_frame_header_then_the_rest(stream: TLS, ws: WSConnection, sent: list[str]) -> None:
     frame = ws.send(TextMessage(data="NOTIFICATION"))
     await stream.send_all(frame[:2])  # its header, in a TLS record of its own
+    sent.append("part")
     await trio.sleep(0.3)
     await stream.send_all(frame[2:])
+    sent.append("rest")
 
 
 @pytest.mark.parametrize(
-    ("push", "held_part"),
-    [
-        (send_a_fragment_then_the_rest, "message_in_progress"),
-        (send_a_frame_header_then_the_rest, "mid_frame"),
-    ],
+    "push",
+    [send_a_fragment_then_the_rest, send_a_frame_header_then_the_rest],
     ids=["fragment", "frame header"],
 )
 async def test_a_push_half_received_makes_an_idle_channel_stale(
     nursery: trio.Nursery,
     client_context: ssl.SSLContext,
-    push: Callable[[TLS, WSConnection], Awaitable[None]],
-    held_part: str,
+    push: Callable[[TLS, WSConnection, list[str]], Awaitable[None]],
 ) -> None:
+    sent: list[str] = []
+
     async def echo_then_push(stream: TLS, ws: WSConnection) -> None:
         await accept(stream, ws)
         while isinstance(message := await next_message(stream, ws), Message):
             await stream.send_all(ws.send(TextMessage(data=message.data)))
             if message.data == "subscribe":
-                await push(stream, ws)
+                await push(stream, ws, sent)
 
     relay = ScriptedRelay(make_server_context(), echo_then_push)
     await nursery.start(relay.serve)
     async with sc.open_pool(relay.url, ssl_context=client_context) as pool:
         async with pool.websocket() as first:
             assert await call(first, "subscribe") == "subscribe"
-        # The reader holds part of the push and has made no message of it yet.
-        await wait_until(lambda: getattr(first._connection, held_part))
-        assert first._connection.messages_arrived == first._messages_taken
+        # The reader holds part of the push (nothing of it is left unread) and has made
+        # no message of it yet (the rest has not been sent).
+        await wait_until(lambda: sent == ["part"])
+        await trio.sleep(0.05)  # (loopback delivery, and the reader's turn)
+        await wait_until(lambda: not unread_bytes(first))
+        assert sent == ["part"]
         assert first.has_pending_input()
         async with pool.websocket() as second:
             assert second is not first
@@ -785,16 +796,16 @@ async def test_a_push_half_received_makes_an_idle_channel_stale(
     ],
 )
 def test_frame_watch_finds_every_boundary(frames: list[bytes]) -> None:
-    from trio_securechannel._websocket import FrameWatch
+    from trio_securechannel._frames import FrameWatch
 
     stream = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n" + b"".join(frames)
     boundaries = {len(stream) - len(b"".join(frames[i:])) for i in range(len(frames) + 1)}
     for split in range(1, len(stream)):  # the same bytes, cut in two at every place
         watch = FrameWatch(None)  # type: ignore[arg-type]  # (only its parsing is used)
-        watch._watch(stream[:split])
+        watch.watch(stream[:split])
         answer_end = stream.index(b"\r\n\r\n") + 4
         assert watch.mid_frame == (split > answer_end and split not in boundaries), split
-        watch._watch(stream[split:])
+        watch.watch(stream[split:])
         assert not watch.mid_frame
 
 
@@ -869,3 +880,180 @@ async def test_a_websocket_block_cancelled_mid_wait_discards_its_channel(
             assert second is not first
             assert await call(second, "mine") == "mine"
         assert books(pool)["in_use"] == 0
+
+
+def test_frame_watch_counts_messages_fragments_and_the_close() -> None:
+    from trio_securechannel._frames import FrameWatch
+
+    changes: list[bool] = []
+    watch = FrameWatch(None, on_change=lambda: changes.append(watch.close_received))  # type: ignore[arg-type]
+    watch.watch(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
+    watch.watch(b"\x80\x00")  # a stray continuation frame: no message
+    assert (watch.messages_arrived, watch.message_in_progress) == (0, False)
+    watch.watch(b"\x01\x03abc")  # a text message's first fragment
+    assert (watch.messages_arrived, watch.message_in_progress) == (0, True)
+    watch.watch(b"\x89\x00")  # a ping between its fragments
+    assert (watch.messages_arrived, watch.message_in_progress) == (0, True)
+    watch.watch(b"\x80\x02de" + b"\x82\x01x")  # its last fragment, and a binary message
+    assert (watch.messages_arrived, watch.message_in_progress) == (2, False)
+    assert not watch.close_received
+    assert changes == []
+    watch.watch(b"\x88\x02\x03\xe8")  # a close frame (1000)
+    assert watch.close_received
+    assert changes == [True]
+    assert not watch.mid_frame
+
+
+async def test_a_relay_gone_before_answering_the_upgrade_fails_it_at_once(
+    nursery: trio.Nursery, client_context: ssl.SSLContext
+) -> None:
+    async def hang_up(stream: TLS, ws: WSConnection) -> None:
+        await trio.lowlevel.checkpoint()  # the upgrade request read: the relay leaves
+
+    relay = ScriptedRelay(make_server_context(), hang_up)
+    await nursery.start(relay.serve)
+    async with sc.open_pool(relay.url, ssl_context=client_context) as pool:
+        began = trio.current_time()
+        with pytest.raises(sc.ConnectError, match="closed the connection during the WebSocket"):
+            async with pool.websocket():
+                pytest.fail("no channel was opened")
+        assert trio.current_time() - began < 1  # not connect_timeout (10 s)
+        assert pool.status()["breaker"]["consecutive_failures"] == 1
+        assert books(pool)["opening"] == 0
+
+
+async def test_a_garbled_upgrade_answer_does_not_quote_the_request(
+    relay: Relay, client_context: ssl.SSLContext
+) -> None:
+    # The raw TLS echo relay sends the request (and its credentials) back.
+    async with sc.open_pool(
+        f"wss://127.0.0.1:{relay.port}/ws",
+        ssl_context=client_context,
+        websocket_headers={"Authorization": "Bearer hunter2"},
+    ) as pool:
+        with pytest.raises(sc.ConnectError, match="not a WebSocket upgrade answer") as info:
+            async with pool.websocket():
+                pytest.fail("no channel was opened")
+        assert "hunter2" not in f"{info.value} {info.value.__cause__}"
+
+
+async def test_a_relay_closing_with_1009_itself_is_a_ws_close(
+    nursery: trio.Nursery, client_context: ssl.SSLContext
+) -> None:
+    async def refuse_the_first_message(stream: TLS, ws: WSConnection) -> None:
+        await accept(stream, ws)
+        await next_message(stream, ws)
+        await stream.send_all(ws.send(CloseConnection(1009, "too big for me")))
+        await next_message(stream, ws)  # the client's answer
+
+    relay = ScriptedRelay(make_server_context(), refuse_the_first_message)
+    await nursery.start(relay.serve)
+    async with sc.open_pool(relay.url, ssl_context=client_context) as pool:
+        with pytest.raises(trio.BrokenResourceError, match="1009 MESSAGE_TOO_BIG: too big"):
+            await call_once(pool)
+        status = pool.status()
+        assert status["errors_by_kind"] == {"ws_close": 1}  # not too_big: not our limit
+        assert status["breaker"]["consecutive_failures"] == 1
+
+
+async def test_a_close_waits_for_the_relays_close_frame_then_closes_tls_cleanly(
+    nursery: trio.Nursery, client_context: ssl.SSLContext
+) -> None:
+    endings: list[object] = []
+
+    async def upgrade_slowly_and_answer_the_close(stream: TLS, ws: WSConnection) -> None:
+        await trio.sleep(0.2)  # the upgrade's round trip: the close may take two of them
+        await accept(stream, ws)
+        while isinstance(message := await next_message(stream, ws), Message):
+            await stream.send_all(ws.send(TextMessage(data=message.data)))
+        assert isinstance(message, CloseConnection)
+        endings.append(message.code)
+        with trio.move_on_after(0.1) as answering:  # (well within the client's patience)
+            await stream.receive_some()  # the client leaving without the answer
+        endings.append("waited" if answering.cancelled_caught else "did not wait")
+        await stream.send_all(ws.send(message.response()))
+        try:
+            endings.append("close_notify" if await stream.receive_some() == b"" else "data")
+        except trio.BrokenResourceError:
+            endings.append("ragged")  # the client closed TCP without a close_notify
+
+    relay = ScriptedRelay(make_server_context(), upgrade_slowly_and_answer_the_close)
+    await nursery.start(relay.serve)
+    async with sc.open_pool(relay.url, ssl_context=client_context) as pool:
+        async with pool.websocket() as channel:
+            assert await call(channel, "x") == "x"
+            await channel.send_message("unanswered")  # so the channel is closed, not pooled
+        await wait_until(lambda: len(endings) == 3, within=1)
+        assert endings == [1000, "waited", "close_notify"]  # its close frame, then TLS's
+        assert closed_by(pool) == {"unanswered": 1}
+
+
+async def test_the_pools_exit_cuts_a_pending_upgrade_short(
+    nursery: trio.Nursery, ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+) -> None:
+    ws_relay.mode = "hold"  # upgrades never answered
+    outcome: list[BaseException] = []
+
+    async def check_out(task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        with pytest.raises(sc.PoolClosed) as info:
+            async with pool.websocket():
+                pytest.fail("no channel was opened")
+        outcome.append(info.value)
+
+    async with sc.open_pool(ws_relay.url, ssl_context=client_context, shutdown_timeout=0.2) as pool:
+        await nursery.start(check_out)
+        await wait_until(lambda: ws_relay.upgrades == 1)
+        began = trio.current_time()
+    assert trio.current_time() - began < 1  # about shutdown_timeout, not connect_timeout
+    await wait_until(lambda: bool(outcome), within=1)
+    assert reader_tasks() == []
+
+
+class Sabotaged(trio.abc.Stream):
+    """A TCP stream whose reads start failing with a bug (not an I/O error) on demand."""
+
+    def __init__(self, inner: trio.SocketStream) -> None:
+        self.inner = inner
+        self.broken = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.inner.receive_some(max_bytes)
+        if self.broken:
+            raise ValueError("a bug under the reader")
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_reader_that_crashes_ends_its_channel_not_the_pool(
+    ws_relay: WebSocketRelay, client_context: ssl.SSLContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    streams: list[Sabotaged] = []
+
+    async def open_transport(host: str, port: int) -> trio.abc.Stream:
+        streams.append(Sabotaged(await trio.open_tcp_stream(host, port)))
+        return streams[-1]
+
+    async with sc.open_pool(
+        ws_relay.url, ssl_context=client_context, open_transport=open_transport
+    ) as pool:
+        async with pool.websocket() as first:
+            assert await call(first, "one") == "one"
+        streams[0].broken = True
+        await ws_relay.push("the reader will fail on this")
+        await wait_until(first.has_pending_input)
+        async with pool.websocket() as second:  # the pool lives on
+            assert second is not first
+            assert await call(second, "two") == "two"
+        assert closed_by(pool) == {"stale": 1}
+    failures = [r for r in caplog.records if "reader for" in r.getMessage()]
+    assert [r.levelno for r in failures] == [logging.WARNING]
+    assert "ValueError('a bug under the reader')" in failures[0].getMessage()

@@ -127,6 +127,11 @@ class Proxy:
         self._held.clear()
 
     @property
+    def holding(self) -> int:
+        """How many bytes from the relay are held back, not yet delivered."""
+        return sum(len(data) for data in self._held.values())
+
+    @property
     def open_connections(self) -> int:
         return len(self._clients)
 

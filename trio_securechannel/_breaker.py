@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, final
 
 import trio
+from trio.lowlevel import enable_ki_protection
 
 from ._errors import CircuitOpen
 
@@ -122,6 +123,7 @@ class CircuitBreaker:
 
     # -- decisions ------------------------------------------------------------------------
 
+    @enable_ki_protection
     def admit(self, now: float) -> Trial | None:
         """Let a checkout through (None), as a half-open trial (a `Trial`), or refuse it.
 
@@ -133,12 +135,26 @@ class CircuitBreaker:
         trial = self.take_trial(now)
         if trial is not None:
             return trial
+        raise self.refuse(now)
+
+    def admits(self, now: float) -> bool:
+        """Whether a checkout would get through now (a pure read: takes no trial)."""
+        if self.state is CLOSED:
+            return True
+        if self.state is OPEN:
+            return now >= self.open_until
+        return self.trial_available()
+
+    @enable_ki_protection
+    def refuse(self, now: float) -> CircuitOpen:
+        """Count a checkout turned away, and the error that tells its caller when to retry."""
         self.rejected_total += 1
-        raise CircuitOpen(self.endpoint, self.retry_after(now) or 0.0)
+        return CircuitOpen(self.endpoint, self.retry_after(now) or 0.0)
 
     def trial_available(self) -> bool:
         return self.state is HALF_OPEN and len(self._trials) < self.half_open_trials
 
+    @enable_ki_protection
     def take_trial(self, now: float) -> Trial | None:
         """A trial permit if the cooldown is over and one is left, else None."""
         self.cooldown_elapsed(now)
@@ -162,15 +178,17 @@ class CircuitBreaker:
 
     # -- outcomes -------------------------------------------------------------------------
 
+    @enable_ki_protection
     def succeeded(self, now: float, trial: Trial | None = None) -> None:
         """A checkout ended without an I/O error (or a trial's handshake completed)."""
         if trial is not None:
-            if self._is_current(trial):
+            if self.holds(trial):
                 self._move(CLOSED, now, "trial succeeded")
         elif self.state is CLOSED:
             self.consecutive_failures = self.session_failures = 0
         # Open or half-open: only a trial's outcome decides, not a straggler's.
 
+    @enable_ki_protection
     def connected(self, now: float, trial: Trial | None = None) -> None:
         """A handshake completed: a success for a trial, and for failures to connect."""
         if trial is not None:
@@ -178,13 +196,14 @@ class CircuitBreaker:
         elif self.state is CLOSED:
             self.consecutive_failures = self.session_failures  # only connects are vouched for
 
+    @enable_ki_protection
     def failed(
         self, now: float, reason: str, trial: Trial | None = None, *, in_session: bool = False
     ) -> None:
         """A connect or handshake failed, or (``in_session``) a channel in use hit an I/O
         error."""
         if trial is not None:
-            if self._is_current(trial):
+            if self.holds(trial):
                 self._open(now, f"trial failed: {reason}")
         elif self.state is CLOSED:
             self.consecutive_failures += 1
@@ -192,11 +211,13 @@ class CircuitBreaker:
             if self.consecutive_failures >= self.failure_threshold:
                 self._open(now, f"{self.consecutive_failures} consecutive failures; last: {reason}")
 
+    @enable_ki_protection
     def trial_abandoned(self, trial: Trial) -> None:
         """A trial was cancelled, or never reached the relay: its permit goes back."""
-        if self._is_current(trial):
+        if self.holds(trial):
             self._trials.discard(trial)
 
+    @enable_ki_protection
     def cooldown_elapsed(self, now: float) -> None:
         if self.state is OPEN and now >= self.open_until:
             self._move(HALF_OPEN, now, f"cooldown of {self.cooldown:g}s over")
@@ -211,7 +232,8 @@ class CircuitBreaker:
             "rejected_total": self.rejected_total,
         }
 
-    def _is_current(self, trial: Trial) -> bool:
+    def holds(self, trial: Trial) -> bool:
+        """Whether ``trial`` is a permit of the current half-open period."""
         return self.state is HALF_OPEN and trial.generation == self._generation
 
     def _open(self, now: float, reason: str) -> None:

@@ -16,7 +16,7 @@ import statistics
 import warnings
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import Any, final
+from typing import Any, NoReturn, final
 
 import trio
 
@@ -54,7 +54,8 @@ class Channel(abc.ABC):
         on_error: Callable[[Channel, str], None] | None = None,
         handshake_seconds: float = 0.0,
     ) -> None:
-        self._closed = False  # first, so __del__ works whatever happens next
+        self._goodbye_started = False  # first, so __del__ works whatever happens next
+        self._closed = False  # to its holder: aclose() was called, or the pool retired it
         self._stream = ssl_stream
         self._on_error = on_error  # told of each failure as it happens (the pool's breaker)
         #: Why this channel may not be lent again ("error", "cancelled", "eof", "closed",
@@ -93,7 +94,7 @@ class Channel(abc.ABC):
         return f"<{type(self).__name__} #{self.id} to {self.endpoint} {state}>"
 
     def __del__(self) -> None:
-        if not self._closed:
+        if not self._goodbye_started:
             warnings.warn(
                 f"unclosed {self!r}: use it through a pool, or call aclose()",
                 ResourceWarning,
@@ -125,7 +126,8 @@ class Channel(abc.ABC):
 
     @property
     def closed(self) -> bool:
-        """True once `aclose` has been called."""
+        """True once `aclose` was called, or the pool retired the channel (its goodbye to
+        the relay may still be under way in the pool's nursery)."""
         return self._closed
 
     @property
@@ -187,9 +189,36 @@ class Channel(abc.ABC):
     async def absorb_handshake_tail(self) -> None:
         """Settle a fresh spare before it is pooled (see `SecureChannel`'s)."""
 
-    @abc.abstractmethod
+    def mark_closed(self) -> None:
+        """Closed to whoever holds it, from now on: `closed` is True and its calls raise
+        `trio.ClosedResourceError`. The goodbye to the relay comes with `aclose`.
+
+        A pool calls this as a channel leaves its books, then says the goodbye in its own
+        nursery, so that nobody waits on a slow relay to leave an ``async with`` block.
+        """
+        self._closed = True
+        self._spend("closed")
+
     async def aclose(self) -> None:
-        """Close the channel; idempotent, and forceful if cancelled."""
+        """Say goodbye to the relay and close the connection; forceful if cancelled.
+
+        Idempotent, as `trio.abc.AsyncResource.aclose` requires.
+        """
+        if self._goodbye_started:
+            await trio.lowlevel.checkpoint()
+            return
+        self._goodbye_started = True
+        self.mark_closed()
+        await self._goodbye()
+
+    @abc.abstractmethod
+    async def _goodbye(self) -> None:
+        """The goodbye itself (a TLS close_notify, a WebSocket close frame), then the
+        socket's close; forceful if cancelled."""
+
+    async def _raise_closed(self) -> NoReturn:
+        await trio.lowlevel.checkpoint()
+        raise trio.ClosedResourceError("this channel was closed")
 
 
 @final
@@ -208,6 +237,8 @@ class SecureChannel(Channel, trio.abc.Stream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt and send all of ``data``. See `trio.abc.SendStream.send_all`."""
+        if self._closed:
+            await self._raise_closed()
         started = trio.current_time()
         try:
             await self._stream.send_all(data)
@@ -224,6 +255,8 @@ class SecureChannel(Channel, trio.abc.Stream):
 
     async def wait_send_all_might_not_block(self) -> None:
         """See `trio.abc.SendStream.wait_send_all_might_not_block`."""
+        if self._closed:
+            await self._raise_closed()
         try:
             await self._stream.wait_send_all_might_not_block()
         except trio.BrokenResourceError:
@@ -235,6 +268,8 @@ class SecureChannel(Channel, trio.abc.Stream):
 
         See `trio.abc.ReceiveStream.receive_some`.
         """
+        if self._closed:
+            await self._raise_closed()
         try:
             data = await self._stream.receive_some(max_bytes)
         except trio.BusyResourceError:
@@ -251,16 +286,8 @@ class SecureChannel(Channel, trio.abc.Stream):
             self._spend("eof")  # the peer closed its side
         return data
 
-    async def aclose(self) -> None:
-        """Send a TLS close_notify and close the socket; forcefully if cancelled.
-
-        Idempotent, as `trio.abc.AsyncResource.aclose` requires.
-        """
-        if self._closed:
-            await trio.lowlevel.checkpoint()
-            return
-        self._closed = True
-        self._spend("closed")
+    async def _goodbye(self) -> None:
+        """A TLS close_notify, then the socket's close; forceful if cancelled."""
         await self._stream.aclose()
 
     def has_pending_input(self) -> bool:

@@ -1,5 +1,10 @@
 """Opening a channel: TCP connect, TLS handshake and (``wss://``) WebSocket upgrade under one
-deadline."""
+deadline.
+
+Only failures to connect become `ConnectError` (which the pool feeds to its circuit
+breaker): transport and TLS errors, the WebSocket upgrade's, and ``connect_timeout``.
+Anything else is a bug, ours or in a custom ``open_transport``, and propagates as itself.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from ._channel import Channel, SecureChannel
 from ._config import PoolConfig
 from ._endpoint import Endpoint
 from ._errors import ConnectError
-from ._websocket import UpgradeFailed, WebSocketChannel, upgrade
+from ._websocket import UpgradeFailed, WebSocketChannel, start_session
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -31,62 +36,76 @@ async def open_channel(
     ``config.connect_timeout`` (over ``config.open_transport`` when set).
 
     For a ``wss://`` endpoint the WebSocket upgrade follows, within the same timeout, with
-    ``config``'s ``websocket_*`` options; its reader task is started in ``nursery``.
+    ``config``'s ``websocket_*`` options; the session's task is started in ``nursery``.
     Whatever happens before the channel is ready (an error, a timeout, a cancellation),
     the half-made connection is closed before this returns or raises.
 
     Raises:
         ConnectError: TCP, DNS, TLS or WebSocket upgrade failure, or ``connect_timeout``
             ran out.
+        TypeError: ``open_transport`` returned something that is not a `trio.abc.Stream`.
     """
-    opener = config.open_transport or trio.open_tcp_stream
+    if endpoint.is_websocket and nursery is None:
+        raise RuntimeError("a WebSocket channel needs a nursery for its session's task")
     name = str(endpoint)
-    connection = None
+    session = None
     try:
         # A handshake without a deadline hangs forever on a peer that never speaks TLS.
         with trio.fail_after(config.connect_timeout):
-            transport = await opener(endpoint.host, endpoint.port)
+            transport = await _open_transport(endpoint, config)
             try:
                 handshake_began = trio.current_time()
                 ssl_stream = trio.SSLStream(transport, ssl_context, server_hostname=endpoint.host)
-                await ssl_stream.do_handshake()
-                if endpoint.is_websocket:
-                    if nursery is None:
-                        raise RuntimeError("a WebSocket channel needs a nursery for its reader")
-                    connection = await upgrade(ssl_stream, endpoint, nursery, config)
+                await _handshake(ssl_stream, name)
+                if nursery is not None and endpoint.is_websocket:
+                    session = await start_session(nursery, ssl_stream, endpoint, config)
             except BaseException:
                 await trio.aclose_forcefully(transport)
                 raise
     except trio.TooSlowError:
-        session = "WebSocket" if endpoint.is_websocket else "TLS"
+        kind = "WebSocket" if endpoint.is_websocket else "TLS"
         raise ConnectError(
-            name,
-            "timeout",
-            f"no {session} session within connect_timeout={config.connect_timeout:g}s",
+            name, "timeout", f"no {kind} session within connect_timeout={config.connect_timeout:g}s"
         ) from None
-    except trio.BrokenResourceError as exc:
-        cause = exc.__cause__ if isinstance(exc.__cause__, BaseException) else exc
-        raise ConnectError(name, "tls", f"TLS handshake failed: {_describe(cause)}") from cause
     except UpgradeFailed as exc:
         raise ConnectError(name, "websocket", str(exc)) from exc.__cause__
-    except OSError as exc:
-        raise ConnectError(name, "tcp", f"TCP connect failed: {_describe(exc)}") from exc
-    except Exception as exc:
-        # Whatever else a resolver or a custom transport raises (UnicodeError for a name
-        # IDNA cannot encode, ...) is still a failure to connect, reported as one.
-        raise ConnectError(name, "tcp", f"cannot connect: {_describe(exc)}") from exc
     handshake_seconds = trio.current_time() - handshake_began
-    if connection is not None:
+    if session is not None:
         return WebSocketChannel(
-            ssl_stream,
-            endpoint,
-            connection,
-            on_error=on_error,
-            handshake_seconds=handshake_seconds,
+            ssl_stream, endpoint, session, on_error=on_error, handshake_seconds=handshake_seconds
         )
     return SecureChannel(
         ssl_stream, endpoint, on_error=on_error, handshake_seconds=handshake_seconds
     )
+
+
+async def _open_transport(endpoint: Endpoint, config: PoolConfig) -> trio.abc.Stream:
+    opener = config.open_transport or trio.open_tcp_stream
+    name = str(endpoint)
+    try:
+        transport = await opener(endpoint.host, endpoint.port)
+    except OSError as exc:  # refused, unreachable, DNS (socket.gaierror), ...
+        raise ConnectError(name, "tcp", f"TCP connect failed: {_describe(exc)}") from exc
+    except UnicodeError as exc:
+        # The resolver's IDNA 2008 encoding refused the name (stricter than the IDNA 2003
+        # check open_pool made): a name that cannot be looked up.
+        raise ConnectError(name, "tcp", f"cannot connect: {_describe(exc)}") from exc
+    if not isinstance(transport, trio.abc.Stream):
+        raise TypeError(
+            f"open_transport must return a trio.abc.Stream, got {type(transport).__name__!r}"
+        )
+    return transport
+
+
+async def _handshake(ssl_stream: trio.SSLStream[trio.abc.Stream], name: str) -> None:
+    try:
+        await ssl_stream.do_handshake()
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        # trio keeps the ssl.SSLError (or the transport's error) as the cause.
+        cause = exc.__cause__ if isinstance(exc.__cause__, BaseException) else exc
+        raise ConnectError(name, "tls", f"TLS handshake failed: {_describe(cause)}") from cause
+    except OSError as exc:  # a custom transport's own error, passed through as it is
+        raise ConnectError(name, "tls", f"TLS handshake failed: {_describe(exc)}") from exc
 
 
 def _describe(exc: BaseException) -> str:

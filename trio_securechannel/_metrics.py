@@ -42,7 +42,7 @@ class PoolCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         pool = self._pool
         ns = pool.config.namespace
-        relays = [(str(relay.endpoint), relay) for relay in pool._relays]
+        snapshot = pool.snapshot(channels=False)
         families: list[Metric] = []
 
         def family(kind: Any, name: str, text: str, *labels: str) -> Any:
@@ -101,36 +101,36 @@ class PoolCollector(Collector):
         acquire = family(HistogramMetricFamily, "acquire_wait_seconds",
                          "Time a checkout waited in line for a channel.")  # fmt: skip
 
-        for name, relay in relays:
-            slots, stats, breaker = relay._slots, relay._stats, relay._breaker
-            live = relay.channels()
-            opened.add_metric([name], stats.opened_total)
-            for reason, count in sorted(stats.closed_by_reason.items()):
+        for relay in snapshot.relays:
+            name, breaker = relay.endpoint, relay.breaker
+            opened.add_metric([name], relay.opened_total)
+            for reason, count in sorted(relay.closed_by_reason.items()):
                 closed.add_metric([name, reason], count)
-            connections.add_metric([name, "idle"], len(slots.idle))
-            connections.add_metric([name, "in_use"], len(slots.in_use))
-            connections.add_metric([name, "opening"], slots.opening)
-            waiting.add_metric([name], len(slots.waiters))
-            maximum.add_metric([name], slots.max_connections)
-            for kind, count in sorted(stats.errors(slots.in_use).items()):
+            connections.add_metric([name, "idle"], relay.idle)
+            connections.add_metric([name, "in_use"], relay.in_use)
+            connections.add_metric([name, "opening"], relay.opening)
+            waiting.add_metric([name], relay.waiting)
+            maximum.add_metric([name], relay.max_connections)
+            for kind, count in sorted(relay.errors_by_kind.items()):
                 errors.add_metric([name, kind], count)
-            exhausted.add_metric([name], stats.exhausted_total)
+            exhausted.add_metric([name], relay.exhausted_total)
             breaker_state.add_metric([name], BREAKER_STATE_VALUES[breaker.state])
             for state in BreakerState:
                 transitions.add_metric([name, state.value], breaker.transitions[state])
             rejected.add_metric([name], breaker.rejected_total)
-            sent.add_metric([name], stats.bytes_sent(live))
-            received.add_metric([name], stats.bytes_received(live))
-            for histogram_family, histogram in (
-                (handshake, stats.cumulative(stats.handshakes, stats.past_handshakes)),
-                (round_trip, stats.round_trips_cumulative(live)),
-                (acquire, stats.cumulative(stats.acquire_waits, stats.past_acquire_waits)),
+            sent.add_metric([name], relay.bytes_sent_total)
+            received.add_metric([name], relay.bytes_received_total)
+            for histogram_family, latency in (
+                (handshake, relay.handshakes),
+                (round_trip, relay.round_trips),
+                (acquire, relay.acquire_waits),
             ):
+                histogram = latency.cumulative
                 histogram_family.add_metric(
                     [name], histogram.prometheus_buckets(), sum_value=histogram.sum
                 )
         yield from families
         yield GaugeMetricFamily(
             f"{ns}_up", "1 while the pool hands out channels, 0 once it is closed.",
-            value=0 if pool.closed else 1,
+            value=0 if snapshot.closed else 1,
         )  # fmt: skip

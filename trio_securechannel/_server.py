@@ -34,6 +34,7 @@ from ._breaker import BreakerState
 if TYPE_CHECKING:
     from hypercorn.typing import ASGIFramework
 
+    from ._config import PoolConfig
     from ._pool import SecureChannelPool
 
 
@@ -125,7 +126,7 @@ class MetricsApp:
             await _deny(send, 401, b"unauthorized\n", _UNAUTHORIZED_HEADERS)
             return
         await send({"type": "websocket.accept"})
-        with self._pool._events.subscribe() as events:
+        with self._pool.events() as events:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_until_disconnect, receive, nursery.cancel_scope)
                 await self._stream_events(events, send)
@@ -157,21 +158,22 @@ class MetricsServer:
     """Runs hypercorn for one pool: started before the pool is handed out, stopped after it
     has shut down, gracefully, so ``/events`` clients see the stream end."""
 
-    def __init__(self, pool: SecureChannelPool) -> None:
-        self._pool = pool
+    def __init__(self, config: PoolConfig) -> None:
+        self._config = config
         self._stop = trio.Event()
         self._stopped: trio.Event | None = None
+        self.address: tuple[str, int] | None = None  # once started
 
-    async def start(self, nursery: trio.Nursery) -> tuple[str, int]:
-        """Serve in ``nursery``; return the bound ``(host, port)``.
+    async def start(self, nursery: trio.Nursery, pool: SecureChannelPool) -> tuple[str, int]:
+        """Serve ``pool``'s figures in ``nursery``; return the bound ``(host, port)``.
 
         Raises:
             OSError: The address cannot be resolved or bound, naming it.
         """
-        listener = await _bind(self._pool.config.metrics_host, self._pool.config.metrics_port)
+        listener = await _bind(self._config.metrics_host, self._config.metrics_port)
         self._stopped = trio.Event()
-        address: tuple[str, int] = await nursery.start(self._serve, listener)
-        return address
+        self.address = await nursery.start(self._serve, listener, pool)
+        return self.address
 
     async def stop(self) -> None:
         """Stop accepting, let open exchanges finish (briefly), and return."""
@@ -183,6 +185,7 @@ class MetricsServer:
     async def _serve(
         self,
         listener: socket.socket,
+        pool: SecureChannelPool,
         *,
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -190,7 +193,7 @@ class MetricsServer:
         try:
             async with trio.open_nursery() as nursery:
                 # The app speaks ASGI in plain dicts; hypercorn's typing wants its TypedDicts.
-                app = cast("ASGIFramework", MetricsApp(self._pool))
+                app = cast("ASGIFramework", MetricsApp(pool))
                 config = _config(f"fd://{listener.detach()}")  # hypercorn owns it from here
                 run = partial(serve, app, config, shutdown_trigger=self._stop.wait)
                 binds: list[str] = await nursery.start(run)

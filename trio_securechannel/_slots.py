@@ -1,8 +1,13 @@
 """The pool's books: which channels are idle, in use or being opened, and who waits.
 
 Pure synchronous state, no I/O (as httpcore keeps its connection assignment apart from its
-network calls): the pool calls these methods and does the awaiting around them. Every
-method keeps one invariant: ``len(idle) + len(in_use) + opening <= max_connections``.
+network calls): the planner calls these methods and the relay does the awaiting around
+them. Every method keeps one invariant: ``len(idle) + len(in_use) + opening <=
+max_connections``.
+
+A slot being opened is a `Reservation`: it is filled with a channel or released, exactly
+once, and ``with reservation:`` releases it on every exit that did not fill it, so no error
+path frees a slot by hand (bb8's ``Approval``).
 
 Handoff is direct: a channel given back, or a slot freed, goes to the longest-waiting task
 before anyone else can take it, so waiters are served in FIFO order and nobody barges.
@@ -12,44 +17,93 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from typing import Final, final
+from collections.abc import Callable
+from types import TracebackType
+from typing import Final, TypeAlias, final
 
-import outcome
-import trio
+from trio.lowlevel import enable_ki_protection
 
 from ._channel import Channel
 
 
-class Grant(enum.Enum):
-    """What a checkout may be granted besides an idle channel."""
+class Closing(enum.Enum):
+    """What a waiter is granted when the pool closes under it."""
 
-    OPEN = "permission to open a new channel in a reserved slot"
     CLOSED = "the pool closed while waiting"
 
 
-OPEN: Final = Grant.OPEN
-CLOSED: Final = Grant.CLOSED
+CLOSED: Final = Closing.CLOSED
+
+#: What a waiter is woken with: a channel to use, a slot to open one in, or the news that
+#: the pool closed. Whoever is woken owns the channel or the reservation.
+Grant: TypeAlias = "Channel | Reservation | Closing"
 
 
 @final
 class Waiter:
-    """A task parked in line for a channel or a slot; granting one reschedules it."""
+    """Someone in line for a channel or a slot; `wake` hands it what it was granted."""
 
-    __slots__ = ("task",)
+    __slots__ = ("wake",)
 
-    def __init__(self, task: trio.lowlevel.Task) -> None:
-        self.task = task
+    def __init__(self, wake: Callable[[Grant], object]) -> None:
+        self.wake = wake
 
-    def grant(self, grant: Channel | Grant) -> None:
-        trio.lowlevel.reschedule(self.task, outcome.Value(grant))
+
+@final
+class Reservation:
+    """A slot counted as being opened: filled with a channel, or released, exactly once.
+
+    ``with reservation:`` releases it on any exit that did not `fill` it, passing the slot
+    to the next waiter.
+    """
+
+    __slots__ = ("_books", "settled")
+
+    def __init__(self, books: Slots) -> None:
+        self._books = books
+        self.settled = False
+
+    @enable_ki_protection
+    def fill(self, channel: Channel) -> None:
+        """The slot became ``channel``, held by whoever opened it."""
+        assert not self.settled, "a reservation is filled or released once"
+        self.settled = True
+        self._books.opened(channel)
+
+    @enable_ki_protection
+    def release(self) -> None:
+        """Nothing came of the slot: pass it on (a no-op once settled)."""
+        if not self.settled:
+            self.settled = True
+            self._books.open_failed()
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
 
 
 @final
 class Slots:
-    """Idle channels (a LIFO stack), channels in use, slots being opened, FIFO waiters."""
+    """Idle channels (a LIFO stack), channels in use, slots being opened, FIFO waiters.
 
-    def __init__(self, max_connections: int) -> None:
+    The methods that change the books are protected from Ctrl-C (as trio's own locks
+    are): a KeyboardInterrupt cannot land half-way through and leave them unbalanced.
+    """
+
+    def __init__(
+        self, max_connections: int, *, on_slot_freed: Callable[[], object] | None = None
+    ) -> None:
         self.max_connections = max_connections
+        # Told whenever a channel or a slot leaves the books (the relay wakes whoever
+        # waits for that: its shutdown, its spare keeper).
+        self._on_slot_freed = on_slot_freed
         # Most recently used on the right: reusing the warmest channel keeps few channels
         # busy, so the surplus ages out through idle_timeout (and the oldest are reaped
         # first, from the left).
@@ -69,104 +123,106 @@ class Slots:
         """Everything counted against ``max_connections``, slots being opened included."""
         return len(self.idle) + len(self.in_use) + self.opening
 
-    def try_take(self) -> Channel | Grant | None:
-        """Take the warmest idle channel, else a slot to open one; None means wait."""
-        if self.closed:
-            return CLOSED
-        if self.waiters:
-            return None  # others are in line first
-        if self.idle:
-            channel = self.idle.pop()
-            self.in_use.add(channel)
-            return channel
-        if self.total < self.max_connections:
-            self.opening += 1
-            return OPEN
-        return None
+    @property
+    def full(self) -> bool:
+        return len(self.idle) + len(self.in_use) + self.opening >= self.max_connections
 
-    def reserve_spare(self) -> bool:
-        """Reserve a slot to open a warm spare channel, if nobody needs it more."""
-        if self.closed or self.waiters or self.total >= self.max_connections:
-            return False
+    @enable_ki_protection
+    def take_idle(self) -> Channel | None:
+        """Lend the warmest idle channel, if there is one."""
+        if not self.idle:
+            return None
+        channel = self.idle.pop()
+        self.in_use.add(channel)
+        return channel
+
+    @enable_ki_protection
+    def reserve(self) -> Reservation | None:
+        """A free slot to open a channel in, if there is one."""
+        if self.closed or self.full:
+            return None
         self.opening += 1
-        return True
+        return Reservation(self)
 
-    def reserve_fresh(self) -> tuple[bool, Channel | None]:
-        """Reserve a slot for a brand-new channel even if idle ones exist (a breaker trial).
+    @enable_ki_protection
+    def reserve_fresh(self) -> tuple[Reservation | None, Channel | None]:
+        """A slot for a brand-new channel even if idle ones exist (a breaker trial).
 
         When idle channels fill every slot, the longest-idle one is evicted to make room
-        and returned for the caller to close. False when every slot is lent out.
+        and returned for the caller to close. None when every slot is lent out.
         """
         evicted = None
-        if not self.closed and self.total >= self.max_connections and self.idle:
+        if not self.closed and self.full and self.idle:
             evicted = self.idle.popleft()
-        if self.closed or self.total >= self.max_connections:
-            return False, evicted
-        self.opening += 1
-        return True, evicted
+        return self.reserve(), evicted
 
-    def enqueue(self, task: trio.lowlevel.Task) -> Waiter:
-        waiter = Waiter(task)
+    @enable_ki_protection
+    def enqueue(self, wake: Callable[[Grant], object]) -> Waiter:
+        waiter = Waiter(wake)
         self.waiters.append(waiter)
         return waiter
 
+    @enable_ki_protection
     def leave_line(self, waiter: Waiter) -> None:
         """A waiter gave up (cancelled, timed out) before anything was granted to it."""
         self.waiters.remove(waiter)
 
     def opened(self, channel: Channel) -> None:
-        """A slot being opened became ``channel``, held by whoever opened it."""
+        """A slot being opened became ``channel`` (through `Reservation.fill`)."""
         self.opening -= 1
         self.in_use.add(channel)
 
     def open_failed(self) -> None:
-        """A slot being opened came to nothing: pass it on."""
+        """A slot being opened came to nothing (through `Reservation.release`): pass it on."""
         self.opening -= 1
         self._pass_on_free_slot()
 
+    @enable_ki_protection
     def give_back(self, channel: Channel) -> None:
-        """A held channel fit for reuse: to the first waiter, else onto the idle stack.
-
-        Only while the pool is open; after `close` held channels are forgotten and closed.
-        """
+        """A held channel fit for reuse: to the first waiter, else onto the idle stack."""
         if self.waiters:
-            self.waiters.popleft().grant(channel)
+            self.waiters.popleft().wake(channel)
         else:
             self.in_use.remove(channel)
             self.idle.append(channel)
 
+    @enable_ki_protection
     def forget(self, channel: Channel) -> None:
         """A held channel leaves the pool (the caller closes it); its slot passes on."""
         self.in_use.remove(channel)
         self._pass_on_free_slot()
 
+    @enable_ki_protection
     def evict_idle(self, channel: Channel) -> None:
         """An idle channel leaves the pool (the caller closes it); its slot passes on."""
         self.idle.remove(channel)
         self._pass_on_free_slot()
 
-    def swap_dead(self, channel: Channel) -> Channel | Grant:
-        """A held channel turned out dead: keep the holder's turn, give it another or a slot."""
+    @enable_ki_protection
+    def swap_dead(self, channel: Channel) -> Channel | Reservation:
+        """A held channel turned out unfit: keep the holder's turn, with another idle
+        channel or its slot to open a new one in (the caller closes the dead one)."""
         self.in_use.remove(channel)
-        if self.closed:
-            return CLOSED
         if self.idle:
             replacement = self.idle.pop()
             self.in_use.add(replacement)
             return replacement
         self.opening += 1
-        return OPEN
+        return Reservation(self)
 
-    def trade_for_slot(self, channel: Channel) -> None:
+    @enable_ki_protection
+    def trade_for_slot(self, channel: Channel) -> Reservation:
         """Give up a held channel (the caller closes it) but keep its slot, to open anew."""
         self.in_use.remove(channel)
         self.opening += 1
+        return Reservation(self)
 
+    @enable_ki_protection
     def close(self) -> list[Channel]:
         """Stop lending: wake every waiter with CLOSED and hand back the idle channels."""
         self.closed = True
         while self.waiters:
-            self.waiters.popleft().grant(CLOSED)
+            self.waiters.popleft().wake(CLOSED)
         idle = list(self.idle)
         self.idle.clear()
         return idle
@@ -174,4 +230,6 @@ class Slots:
     def _pass_on_free_slot(self) -> None:
         if self.waiters and not self.closed:
             self.opening += 1
-            self.waiters.popleft().grant(OPEN)
+            self.waiters.popleft().wake(Reservation(self))
+        if self._on_slot_freed is not None:
+            self._on_slot_freed()

@@ -1,29 +1,44 @@
 """`WebSocketChannel`: WebSocket messages over one pooled TLS connection (trio-websocket).
 
-The upgrade runs over the channel's own `trio.SSLStream` with trio-websocket's client
-connection. Its reader task runs in the pool's nursery, guarded: a relay that refuses the
-upgrade or breaks the protocol ends that one channel, never the pool.
+The upgrade runs over the channel's own `trio.SSLStream` with trio-websocket's public
+client API (`trio_websocket.wrap_client_stream`), through a `FrameWatch` that sees each
+frame header go by. Each session has a task in the pool's nursery that runs the upgrade,
+then trio-websocket's reader in a nursery of its own: a relay that refuses the upgrade or
+breaks the protocol ends that one channel, never the pool.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any, final
 
 import trio
-import wsproto
-from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, WebSocketConnection
-from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection
-from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+from trio_websocket import (
+    CloseReason,
+    ConnectionClosed,
+    ConnectionRejected,
+    WebSocketConnection,
+    wrap_client_stream,
+)
+from wsproto.utilities import RemoteProtocolError
 
 from ._channel import Channel
 from ._config import PoolConfig
 from ._endpoint import Endpoint
+from ._frames import FrameWatch
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 logger = logging.getLogger("trio_securechannel")
+
+#: How long a closing channel waits for the relay's close frame, counted from its own and
+#: measured in the relay's round trips (the longer of the upgrade's and the latest
+#: messages'): RFC 6455 has the server close first, but a relay that does not answer
+#: must not keep its connection open.
+CLOSE_PATIENCE_ROUND_TRIPS = 2.0
 
 
 class UpgradeFailed(Exception):
@@ -51,7 +66,7 @@ class WebSocketChannel(Channel):
         self,
         ssl_stream: trio.SSLStream[Any],
         endpoint: Endpoint,
-        connection: PooledConnection,
+        session: Session,
         *,
         on_error: Callable[[Channel, str], None] | None = None,
         handshake_seconds: float = 0.0,
@@ -59,14 +74,18 @@ class WebSocketChannel(Channel):
         super().__init__(
             ssl_stream, endpoint, on_error=on_error, handshake_seconds=handshake_seconds
         )
-        self._connection = connection
+        self._session = session
+        self._connection = session.connection
         self._messages_taken = 0
-        self.subprotocol = connection.subprotocol
+        self.subprotocol = self._connection.subprotocol
 
     async def send_message(self, message: str | bytes) -> None:
         """Send one message: text for a `str`, binary for `bytes`."""
         if not isinstance(message, str | bytes):
             raise TypeError(f"a message is str or bytes, got {type(message).__name__}")
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            raise trio.ClosedResourceError("this channel was closed")
         started = trio.current_time()
         try:
             await self._connection.send_message(message)
@@ -85,6 +104,9 @@ class WebSocketChannel(Channel):
         Cancelling the wait loses nothing: a message that arrives later is the next
         call's (but the channel is then unanswered, so it is not pooled again).
         """
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            raise trio.ClosedResourceError("this channel was closed")
         try:
             message = await self._connection.get_message()
         except ConnectionClosed as exc:
@@ -97,10 +119,11 @@ class WebSocketChannel(Channel):
         if self._closed:
             return trio.ClosedResourceError("this channel was closed")
         reason = exc.reason
-        if self._connection.too_big:
-            # Over our own limit: counted, but no sign the relay is unwell.
+        if reason is not None and reason.code == 1009 and self._session.frames.closed_first:
+            # trio-websocket closed with 1009 before the relay closed: a message over our
+            # own limit. Counted, but no sign the relay is unwell.
             self._fail("too_big", blame_relay=False)
-            limit = self._connection._max_message_size
+            limit = self._session.max_message_size
             return trio.BrokenResourceError(
                 f"a message from {self.endpoint} was over websocket_max_message_size={limit}"
             )
@@ -108,8 +131,9 @@ class WebSocketChannel(Channel):
             self._fail("io")
             return trio.BrokenResourceError(f"connection to {self.endpoint} lost")
         self._fail("ws_close")
-        detail = f"{reason.code} {reason.name}" + (f": {reason.reason}" if reason.reason else "")
-        return trio.BrokenResourceError(f"the WebSocket to {self.endpoint} closed ({detail})")
+        return trio.BrokenResourceError(
+            f"the WebSocket to {self.endpoint} closed ({_describe_close(reason)})"
+        )
 
     async def ping(self) -> None:
         """Send a WebSocket ping and wait for its pong (the pool's keepalive uses this).
@@ -123,31 +147,34 @@ class WebSocketChannel(Channel):
             trio.ClosedResourceError: This channel was closed.
         """
         if self._closed:
+            await trio.lowlevel.checkpoint()
             raise trio.ClosedResourceError("this channel was closed")
-        connection = self._connection
         try:
-            await connection.ping()
+            answered = await self._session.ping()
         except ConnectionClosed:
             self._spend("stale")
             raise trio.BrokenResourceError(f"the WebSocket to {self.endpoint} is closed") from None
         except BaseException:
             self._spend("stale")
             raise
-        if connection.reader_done:  # released by the reader's end, not by a pong
+        if not answered:  # the relay closed, or the connection ended, before a pong
             self._spend("stale")
             raise trio.BrokenResourceError(f"the WebSocket to {self.endpoint} is closed")
 
     def has_pending_input(self) -> bool:
         """True once the WebSocket is closing or closed, or the relay sent a message (or
-        part of one, or bytes not read yet) that nobody has taken."""
-        connection = self._connection
+        part of one, a close frame, or bytes not read yet) that nobody has taken."""
+        session = self._session
+        frames = session.frames
         return (
             self._closed
-            or connection.reader_done
-            or connection.closed is not None
-            or connection.messages_arrived > self._messages_taken
-            or connection.message_in_progress
-            or connection.mid_frame
+            or session.reader_done
+            or frames.ended
+            or frames.close_received
+            or self._connection.closed is not None
+            or frames.messages_arrived > self._messages_taken
+            or frames.message_in_progress
+            or frames.mid_frame
             # Not read yet: perhaps a ping or a pong, but there is no telling.
             or self._unread_bytes()
         )
@@ -156,213 +183,276 @@ class WebSocketChannel(Channel):
         """Nothing to do: the reader task already consumes what follows the handshake."""
         await trio.lowlevel.checkpoint()
 
-    async def aclose(self) -> None:
-        """Send a close frame (1000), then close TLS with a close_notify, at once.
+    async def _goodbye(self) -> None:
+        """Close the WebSocket (code 1000), then TLS with a close_notify.
 
-        The relay's own close frame is not waited for (RFC 6455 would have a client wait
-        for the server to close first): a channel leaving the pool costs no round trip,
-        and a relay that never answers cannot hold its slot. Forceful if cancelled.
-        Idempotent.
+        The relay's own close frame is awaited briefly, as RFC 6455 has the server close
+        first: for two of its round trips (the longer of the upgrade's and the latest
+        messages') after ours went out, or until the connection ends. The caller's
+        deadline and ``shutdown_timeout`` bound the whole; forceful if cancelled.
         """
-        if self._closed:
-            await trio.lowlevel.checkpoint()
-            return
-        self._closed = True
-        self._spend("closed")
-        await self._connection.close_now()
-
-
-class PooledConnection(WebSocketConnection):
-    """trio-websocket's client connection, with what a pool needs from it.
-
-    trio-websocket 0.12 has no public API for these, so they use its internals (and
-    pyproject pins it below 0.13; the tests cover each):
-
-    * counting the data messages (and fragments) the reader receives, so that a message
-      that reached an idle channel is seen at checkout;
-    * a reader guarded so its exception ends this connection only, and whose end
-      releases whoever waits on it (the upgrade, pings), which trio-websocket leaves
-      waiting when its reader dies;
-    * a close that sends its close frame without waiting for the relay's.
-    """
-
-    def __init__(self, stream: trio.SSLStream[Any], endpoint: Endpoint, config: PoolConfig) -> None:
-        assert endpoint.websocket_path is not None
-        self._frames = FrameWatch(stream)
-        super().__init__(
-            self._frames,
-            wsproto.WSConnection(wsproto.ConnectionType.CLIENT),
-            host=endpoint.host_header,
-            path=endpoint.websocket_path,
-            client_subprotocols=config.websocket_subprotocols,
-            client_extra_headers=config.websocket_header_pairs(),
-            max_message_size=config.websocket_max_message_size,
-        )
-        self.endpoint = endpoint
-        self.messages_arrived = 0
-        self.message_in_progress = False
-        self.reader_done = False
-        self.reader_error: Exception | None = None
-        self.too_big = False  # a message went over websocket_max_message_size
-
-    async def _handle_message_event(
-        self, event: wsproto.events.BytesMessage | wsproto.events.TextMessage
-    ) -> None:
-        # Every fragment of every data message comes through here.
-        self.message_in_progress = not event.message_finished
-        if event.message_finished:
-            self.messages_arrived += 1
-        if self._message_size + len(event.data) > self._max_message_size:
-            self.too_big = True  # trio-websocket closes with 1009: our limit, not a fault
-        await super()._handle_message_event(event)
-
-    async def run_reader(self) -> None:
-        """trio-websocket's reader task, guarded; in the pool's nursery."""
-        try:
-            await self._reader_task()
-        except Exception as exc:
-            self.reader_error = exc
-            if self._open_handshake.is_set():  # (before that, the upgrade reports it)
-                level = logging.DEBUG if self.closed is not None else logging.WARNING
-                logger.log(level, "WebSocket reader for %s failed: %r", self.endpoint, exc)
-            await trio.aclose_forcefully(self._stream)
-        finally:
-            self.reader_done = True
-            self._open_handshake.set()
-            for waiting in self._pings.values():
-                waiting.set()
-            self._pings.clear()
-
-    async def close_now(self, code: int = 1000) -> None:
-        """Send a close frame (unless the WebSocket is closing already), then close the
-        stream, without waiting for the relay's close frame."""
-        try:
-            if self._close_reason is None and self._wsproto.state is ConnectionState.OPEN:
-                self._close_reason = CloseReason(code, None)  # as trio-websocket's aclose
-                with contextlib.suppress(ConnectionClosed):  # (the relay is gone)
-                    await self._send(CloseConnection(code=code))
-        finally:
-            # A reader blocked handing over a message nobody will read must notice.
-            self._recv_channel.close()
-            await self._stream.aclose()  # a TLS close_notify; forceful if cancelled
-
-    @property
-    def mid_frame(self) -> bool:
-        """True while the reader holds part of a frame (no event for it yet)."""
-        return self._frames.mid_frame
-
-    async def upgraded(self) -> None:
-        """Wait for the upgrade to complete, or the reader to end first."""
-        await self._open_handshake.wait()
+        round_trip = max(self._session.upgrade_seconds, self.recent_round_trip() or 0.0)
+        await self._session.close(patience=CLOSE_PATIENCE_ROUND_TRIPS * round_trip)
 
 
 @final
-class FrameWatch(trio.abc.Stream):
-    """The TLS stream as trio-websocket reads it, watched for WebSocket frame boundaries.
+class Session:
+    """One WebSocket session: trio-websocket's client connection over a `FrameWatch`.
 
-    A frame whose header came in one TLS record and whose rest has not come yet gives the
-    reader no event, but it is something the relay sent: an idle channel holding part of
-    a frame must not be lent. (Part of a TLS record cannot be seen at all; it is as if it
-    arrived just after the checkout.)
+    `run` is its task, in the pool's nursery: the upgrade (whose outcome `wait_upgraded`
+    reports to the connect), then trio-websocket's reader, in a nursery of its own, until
+    the channel closes. Whatever the reader raises ends this session only.
+
+    Only trio-websocket's public API is used; what it does not tell (what arrived on an
+    idle channel, whether a close frame went out, the end of the stream) the `FrameWatch`
+    sees on the wire.
     """
 
-    def __init__(self, stream: trio.SSLStream[Any]) -> None:
-        self._stream = stream
-        self._upgraded = False
-        self._answer_tail = b""  # the end of the HTTP answer so far, to find its end
-        self._header = bytearray()  # the current frame's header, while incomplete
-        self._payload_left = 0
+    def __init__(
+        self, ssl_stream: trio.SSLStream[Any], endpoint: Endpoint, config: PoolConfig
+    ) -> None:
+        self.endpoint = endpoint
+        self.frames = FrameWatch(ssl_stream, on_change=self._notice)
+        self.max_message_size = config.websocket_max_message_size
+        self.upgrade_seconds = 0.0  # the upgrade's round trip, once done
+        self._config = config
+        self._connection: WebSocketConnection | None = None
+        self._task_scope = trio.CancelScope()  # the whole task (the connect gave up on it)
+        self._upgrading = trio.CancelScope()  # the wait for the upgrade's answer
+        self._close_handshake = trio.CancelScope()  # the wait for the relay's close frame
+        self._close_patience: float | None = None  # set when the close handshake begins
+        self._upgrade_done = trio.Event()
+        self._upgrade_error: BaseException | None = None
+        self._close_done = trio.Event()  # the close handshake is over: the task may end
+        self.reader_done = False  # the task is over: nothing more will be read
+        self._pings: set[trio.CancelScope] = set()
 
     @property
-    def mid_frame(self) -> bool:
-        return bool(self._header) or self._payload_left > 0
+    def connection(self) -> WebSocketConnection:
+        assert self._connection is not None, "the upgrade is not done"
+        return self._connection
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        data = await self._stream.receive_some(max_bytes)
-        self._watch(data)
-        return data
+    async def run(self) -> None:
+        """The session's task: upgrade, then keep trio-websocket's reader running until the
+        channel closes. Never raises but cancellations (and KeyboardInterrupt).
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
+        The stream is this task's to close until the upgrade is done, then the channel's
+        (its ``aclose``), unless the reader fails: then it is closed here at once.
+        """
+        close_stream = True
+        try:
+            with self._task_scope:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        self._connection = await self._upgrade(nursery)
+                        close_stream = False
+                        self._upgrade_done.set()
+                        await self._close_done.wait()
+                        nursery.cancel_scope.cancel()  # its reader, if it still runs
+                except BaseException as exc:
+                    errors, rest = _split(exc)
+                    if not self._upgrade_done.is_set():
+                        self._upgrade_error = (
+                            _upgrade_failure(errors)
+                            if errors
+                            else UpgradeFailed("the pool closed during the WebSocket upgrade")
+                        )
+                    elif errors:
+                        close_stream = True
+                        closing = self._close_done.is_set() or self.connection.closed is not None
+                        logger.log(
+                            logging.DEBUG if closing else logging.WARNING,
+                            "WebSocket reader for %s failed: %r",
+                            self.endpoint,
+                            errors[0],
+                        )
+                    # A cancellation belongs to whoever cancelled (the errors are told).
+                    if rest is exc:
+                        raise
+                    if rest is not None:
+                        raise rest from None
+        finally:
+            self.reader_done = True
+            self._notice()
+            try:
+                if close_stream:
+                    # Also: trio-websocket leaves its stream open after a refused upgrade.
+                    await trio.aclose_forcefully(self.frames)
+            finally:
+                self._upgrade_done.set()  # (a failed upgrade is told once this task is over)
 
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
+    async def wait_upgraded(self) -> None:
+        """Wait for the upgrade to complete (`run` must have been started).
 
-    async def aclose(self) -> None:
-        await self._stream.aclose()
+        Raises:
+            UpgradeFailed: The relay refused the upgrade, answered something else, or
+                closed the connection (or the WebSocket) first; or the pool closed.
+        """
+        try:
+            await self._upgrade_done.wait()
+        except BaseException:
+            self._task_scope.cancel()  # the connect gave up: so does the upgrade
+            raise
+        if self._upgrade_error is not None:
+            self._task_scope.cancel()
+            raise self._upgrade_error
 
-    def _watch(self, data: bytes | bytearray) -> None:
-        view = memoryview(data)
-        if not self._upgraded:  # frames start after the HTTP answer to the upgrade
-            seen = self._answer_tail + bytes(view)
-            end = seen.find(b"\r\n\r\n")
-            if end < 0:
-                self._answer_tail = seen[-3:]
-                return
-            self._upgraded = True
-            view = memoryview(seen)[end + 4 :]
-        while view:
-            if self._payload_left:
-                taken = min(self._payload_left, len(view))
-                self._payload_left -= taken
-                view = view[taken:]
-                continue
-            if not self._header and len(view) >= 2 and len(view) >= _header_length(view):
-                self._payload_left = _payload_length(view)  # a whole header: the usual case
-                view = view[_header_length(view) :]
-                continue
-            self._header += view[:1]  # a header split between reads: a byte at a time
-            view = view[1:]
-            if len(self._header) >= 2 and len(self._header) == _header_length(self._header):
-                self._payload_left = _payload_length(self._header)
-                self._header.clear()
+    async def _upgrade(self, nursery: trio.Nursery) -> WebSocketConnection:
+        endpoint, config = self.endpoint, self._config
+        assert endpoint.websocket_path is not None
+        began = trio.current_time()
+        connection: WebSocketConnection | None = None
+        with self._upgrading:  # cancelled if the stream ends first: no answer will come
+            connection = await wrap_client_stream(
+                nursery,
+                # Any trio.abc.Stream will do, as documented; the annotation is narrower.
+                self.frames,  # type: ignore[arg-type]
+                endpoint.host_header,
+                endpoint.websocket_path,
+                subprotocols=config.websocket_subprotocols,
+                extra_headers=config.websocket_header_pairs(),
+                max_message_size=config.websocket_max_message_size,
+            )
+        if connection is None or self.frames.ended:
+            raise UpgradeFailed("the relay closed the connection during the WebSocket upgrade")
+        if connection.closed is not None:  # the close came with the upgrade's answer
+            raise UpgradeFailed(
+                "the relay closed the WebSocket right after the upgrade"
+                f" ({_describe_close(connection.closed)})"
+            )
+        self.upgrade_seconds = trio.current_time() - began
+        return connection
+
+    async def ping(self) -> bool:
+        """Ping, and wait for the pong: False if the relay closed the WebSocket, or the
+        connection ended, first.
+
+        Raises:
+            trio_websocket.ConnectionClosed: The WebSocket was closed already.
+        """
+        frames = self.frames
+        if frames.ended or frames.close_received or self.reader_done:
+            await trio.lowlevel.checkpoint()
+            return False
+        with trio.CancelScope() as waiting:
+            self._pings.add(waiting)
+            try:
+                await self.connection.ping()
+            finally:
+                self._pings.discard(waiting)
+        return not waiting.cancelled_caught
+
+    async def close(self, *, patience: float) -> None:
+        """The close handshake: our close frame (unless the WebSocket is closing already),
+        the relay's within ``patience`` of ours, then a TLS close_notify. Bounded by the
+        caller's deadline and by ``shutdown_timeout``; forceful if cancelled."""
+        self._close_patience = patience
+        # Its reader must see the relay's close frame, even if the pool is exiting.
+        self._task_scope.shield = True
+        try:
+            with trio.move_on_after(self._config.shutdown_timeout):
+                with self._close_handshake:
+                    # trio-websocket's close: the frame, the wait, then its stream's aclose.
+                    await self.connection.aclose()
+                await self.frames.aclose()  # (left open when the relay closed first)
+        except BaseException:
+            await trio.aclose_forcefully(self.frames)
+            raise
+        finally:
+            self._close_done.set()
+
+    def _notice(self) -> None:
+        """The stream ended, the relay's close frame came, ours went out (the FrameWatch
+        tells), or the reader is done: wake whoever waits for what will not come."""
+        frames = self.frames
+        if frames.ended or self.reader_done:  # nothing more will be read
+            self._upgrading.cancel()
+            self._close_handshake.cancel()
+        if frames.ended or self.reader_done or frames.close_received:
+            for waiting in self._pings:
+                waiting.cancel()  # no pong will come
+        if frames.close_sent and self._close_patience is not None:
+            deadline = trio.current_time() + self._close_patience
+            self._close_handshake.deadline = min(self._close_handshake.deadline, deadline)
 
 
-def _header_length(header: bytearray | memoryview) -> int:
-    """RFC 6455 5.2: 2 bytes, a 16- or 64-bit extended length, a 4-byte mask key."""
-    length = header[1] & 0x7F
-    extended = 2 if length == 126 else 8 if length == 127 else 0
-    return 2 + extended + (4 if header[1] & 0x80 else 0)
-
-
-def _payload_length(header: bytearray | memoryview) -> int:
-    length = header[1] & 0x7F
-    if length == 126:
-        return int.from_bytes(header[2:4], "big")
-    if length == 127:
-        return int.from_bytes(header[2:10], "big")
-    return length
-
-
-async def upgrade(
-    ssl_stream: trio.SSLStream[Any], endpoint: Endpoint, nursery: trio.Nursery, config: PoolConfig
-) -> PooledConnection:
-    """Run the WebSocket upgrade over ``ssl_stream``; the reader task goes to ``nursery``.
+async def start_session(
+    nursery: trio.Nursery, ssl_stream: trio.SSLStream[Any], endpoint: Endpoint, config: PoolConfig
+) -> Session:
+    """Run the WebSocket upgrade over ``ssl_stream``, in a task started in ``nursery`` (the
+    pool's: its exit cuts the upgrade short). Cancelling this call cancels the upgrade.
 
     Raises:
         UpgradeFailed: The relay refused the upgrade, answered something else, or closed
-            the connection (or the WebSocket) first.
+            the connection (or the WebSocket) first; or the pool is closing.
     """
-    connection = PooledConnection(ssl_stream, endpoint, config)
-    nursery.start_soon(connection.run_reader, name=f"WebSocket reader for {endpoint}")
-    await connection.upgraded()
-    error = connection.reader_error
+    if nursery.cancel_scope.cancel_called:  # the pool is exiting: no new task there
+        raise UpgradeFailed("the pool closed before the WebSocket upgrade")
+    session = Session(ssl_stream, endpoint, config)
+    nursery.start_soon(session.run, name=f"WebSocket reader for {endpoint}")
+    await session.wait_upgraded()
+    return session
+
+
+# RFC 6455 5.2: the first byte of a frame holds FIN and the opcode.
+
+
+def _describe_close(reason: CloseReason) -> str:
+    return f"{reason.code} {reason.name}" + (f": {reason.reason}" if reason.reason else "")
+
+
+def _split(exc: BaseException) -> tuple[list[Exception], BaseException | None]:
+    """The errors ``exc`` carries (out of their groups), and what else (cancellations)."""
+    if isinstance(exc, BaseExceptionGroup):
+        errors, rest = exc.split(Exception)
+        return (list(_leaves(errors)) if errors is not None else []), rest
+    if isinstance(exc, Exception):
+        return [exc], None
+    return [], exc
+
+
+def _leaves(group: BaseExceptionGroup[Exception]) -> Iterator[Exception]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
+def _upgrade_failure(errors: list[Exception]) -> Exception:
+    """What the errors of a failed upgrade amount to: an `UpgradeFailed` (its cause the
+    relay's answer), or a bug (ours or trio-websocket's), raised as itself."""
+    failures = [_as_upgrade_failure(error) for error in errors]
+    for error, failure in zip(errors, failures, strict=True):
+        if failure is None:
+            return error  # a bug comes out, whatever else went wrong
+    return next(failure for failure in failures if failure is not None)
+
+
+def _as_upgrade_failure(error: Exception) -> UpgradeFailed | None:
+    if isinstance(error, UpgradeFailed):
+        return error
     if isinstance(error, ConnectionRejected):
-        raise UpgradeFailed(f"WebSocket upgrade refused: HTTP {error.status_code}") from error
-    if error is not None:
-        raise UpgradeFailed(f"WebSocket upgrade failed: {_describe(error)}") from error
-    if connection.reader_done:
-        raise UpgradeFailed("the relay closed the connection during the WebSocket upgrade")
-    if connection.closed is not None:  # the close came with the upgrade's answer
-        code = connection.closed
-        raise UpgradeFailed(f"the relay closed the WebSocket right after the upgrade ({code})")
-    return connection
+        failure = UpgradeFailed(f"WebSocket upgrade refused: HTTP {error.status_code}")
+        failure.__cause__ = error
+        return failure
+    garbled = _garbled_answer(error)
+    if garbled is not None:
+        failure = UpgradeFailed(
+            f"WebSocket upgrade failed: not a WebSocket upgrade answer ({garbled})"
+        )
+        failure.__cause__ = garbled
+        return failure
+    return None
 
 
-def _describe(error: Exception) -> str:
-    if isinstance(error, RemoteProtocolError):
-        return f"not a WebSocket upgrade answer ({error})"
-    if isinstance(error, LocalProtocolError):
-        # Raised on our side, its message may quote our own request (and its headers).
-        return "not a WebSocket upgrade answer"
-    return repr(error)
+def _garbled_answer(error: BaseException) -> RemoteProtocolError | None:
+    """The relay's unreadable answer behind ``error``: wsproto's `RemoteProtocolError`, or
+    the one being handled when trio-websocket failed to answer it (wsproto or h11 then
+    raise a `LocalProtocolError`, whose message may quote our own request: not shown)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, RemoteProtocolError):
+            return seen
+        seen = seen.__context__
+    return None

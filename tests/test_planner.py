@@ -1,0 +1,374 @@
+"""The planner on its own: random interleavings of everything that can happen to a relay's
+books, with no sockets and no event loop, and the invariants checked after every step.
+
+Hypothesis's stateful testing drives it: checkouts (fast path and planned), waits in line,
+grants, give-ups, opens that succeed, fail or are cancelled, give-backs of every kind,
+channels that break or go stale, slow channels, the breaker's timer, cleanup passes, spares
+and shutdown. The real-socket tests (test_pool, test_breaker, test_cancellation, ...) check
+the same promises through the relay's I/O on top of this.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, cast
+
+import hypothesis.strategies as st
+import trio
+from hypothesis import settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from trio_securechannel import PoolConfig
+from trio_securechannel._breaker import BreakerState, CircuitBreaker, Trial
+from trio_securechannel._channel import Channel
+from trio_securechannel._planner import (
+    Closed,
+    Departure,
+    Lend,
+    Open,
+    Planner,
+    Refuse,
+    Wait,
+    is_cancellation,
+)
+from trio_securechannel._slots import CLOSED, Grant, Reservation, Slots, Waiter
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
+MAX = 3
+_ids = itertools.count(1)
+
+
+class FakeChannel:
+    """What the planner reads of a channel, and nothing else."""
+
+    def __init__(self, now: float) -> None:
+        self.id = next(_ids)
+        self.opened_at = now
+        self.idle_since = now
+        self.spent: str | None = None
+        self.errors: Counter[str] = Counter()
+        self.unanswered = False
+        self.pending = False  # the relay sent something while it sat idle
+        self.latency: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<FakeChannel #{self.id} {self.spent or 'ok'}>"
+
+    @property
+    def reusable(self) -> bool:
+        return self.spent is None
+
+    def has_pending_input(self) -> bool:
+        return self.pending
+
+    def recent_round_trip(self) -> float | None:
+        return self.latency
+
+    def retire_when_returned(self, reason: str) -> None:
+        if self.spent is None:
+            self.spent = reason
+
+
+@dataclass(eq=False)
+class Checkout:
+    """One checkout between its plans: what it holds, its trial, and its place in line."""
+
+    trial: Trial | None = None
+    waiter: Waiter | None = None
+    granted: Grant | None = None
+
+
+class PlannerMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.config = PoolConfig(
+            max_connections=MAX,
+            min_idle=1,
+            max_lifetime=50.0,
+            idle_timeout=20.0,
+            max_latency_ms=100.0,
+            breaker_failure_threshold=2,
+            breaker_cooldown=10.0,
+            connect_timeout=5.0,
+        )
+        self.books = Slots(MAX)
+        self.breaker = CircuitBreaker(
+            "relay.test:443",
+            failure_threshold=2,
+            cooldown=10.0,
+            half_open_trials=1,
+            trial_timeout=5.0,
+        )
+        self.planner = Planner(self.books, self.breaker, self.config, clock=lambda: self.now)
+        self.waiting: list[Checkout] = []
+        self.woken: list[Checkout] = []
+        self.opening: list[tuple[Reservation, Trial | None, bool]] = []  # (.., is_spare)
+        self.holding: list[Channel] = []
+        self.created: list[Channel] = []
+        self.departed: set[Channel] = set()
+
+    # -- acting on decisions, as the relay does -------------------------------------------
+
+    def depart(self, departures: list[Departure] | tuple[Departure, ...]) -> None:
+        for departure in departures:
+            assert departure.channel not in self.departed, "closed twice"
+            self.departed.add(departure.channel)
+
+    def act(self, checkout: Checkout, plan: tuple[Any, list[Departure]]) -> None:
+        decision, departures = plan
+        self.depart(departures)
+        if isinstance(decision, Lend):
+            self.holding.append(decision.channel)
+        elif isinstance(decision, Open):
+            self.opening.append((decision.reservation, decision.trial, False))
+        elif isinstance(decision, Wait):
+            checkout.trial = decision.trial
+            checkout.waiter = self.books.enqueue(lambda grant: self.grant(checkout, grant))
+            self.waiting.append(checkout)
+        else:
+            assert isinstance(decision, Refuse | Closed)
+
+    def grant(self, checkout: Checkout, grant: Grant) -> None:
+        self.waiting.remove(checkout)
+        checkout.granted = grant
+        self.woken.append(checkout)
+
+    def new_channel(self) -> Channel:
+        channel = cast(Channel, FakeChannel(self.now))
+        self.created.append(channel)
+        return channel
+
+    # -- rules ----------------------------------------------------------------------------
+
+    @rule()
+    def fast_checkout(self) -> None:
+        channel = self.planner.lend_warm()
+        if channel is not None:
+            assert channel.reusable
+            self.holding.append(channel)
+
+    @rule()
+    def checkout(self) -> None:
+        self.act(Checkout(), self.planner.plan(self.now))
+
+    @precondition(lambda self: self.woken)
+    @rule(data=st.data())
+    def resume_after_grant(self, data: st.DataObject) -> None:
+        checkout = self.woken.pop(data.draw(st.integers(0, len(self.woken) - 1)))
+        grant = checkout.granted
+        if grant is CLOSED:
+            if checkout.trial is not None:
+                self.breaker.trial_abandoned(checkout.trial)
+            return
+        assert grant is not None
+        self.act(checkout, self.planner.plan(self.now, grant, checkout.trial))
+
+    @precondition(lambda self: self.waiting)
+    @rule(data=st.data())
+    def give_up_waiting(self, data: st.DataObject) -> None:
+        checkout = data.draw(st.sampled_from(self.waiting))
+        assert checkout.waiter is not None
+        self.books.leave_line(checkout.waiter)
+        self.waiting.remove(checkout)
+        if checkout.trial is not None:
+            self.breaker.trial_abandoned(checkout.trial)
+
+    @precondition(lambda self: self.opening)
+    @rule(data=st.data(), outcome=st.sampled_from(["connected", "failed", "cancelled"]))
+    def finish_open(self, data: st.DataObject, outcome: str) -> None:
+        reservation, trial, spare = self.opening.pop(
+            data.draw(st.integers(0, len(self.opening) - 1))
+        )
+        with reservation:  # as the relay does: released on every exit but a fill
+            if trial is None and self.breaker.state is not BreakerState.CLOSED:
+                return  # it opened since the slot was reserved: no connect
+            if outcome == "failed":
+                self.breaker.failed(self.now, "refused", trial)
+                return
+            if outcome == "cancelled":
+                if trial is not None:
+                    self.breaker.trial_abandoned(trial)
+                return
+            channel = self.new_channel()
+            reservation.fill(channel)
+        self.breaker.connected(self.now, trial)
+        if self.books.closed:
+            self.depart([self.planner.retire_held(channel, "shutdown", graceful=True)])
+        elif spare:
+            departure = self.planner.check_in(channel, None, self.now, served=False)
+            self.depart([departure] if departure else [])
+        else:
+            self.holding.append(channel)
+
+    @precondition(lambda self: self.holding)
+    @rule(
+        data=st.data(),
+        how=st.sampled_from(["ok", "ok", "unanswered", "app error", "io error", "kept ref"]),
+    )
+    def give_back(self, data: st.DataObject, how: str) -> None:
+        channel = self.holding.pop(data.draw(st.integers(0, len(self.holding) - 1)))
+        fake = cast(FakeChannel, channel)
+        exc: BaseException | None = None
+        if how == "unanswered":
+            fake.unanswered = True
+        elif how == "app error":
+            exc = RuntimeError("the application's own")
+        elif how == "io error" and fake.spent != "error":
+            fake.errors["io"] += 1
+            fake.spent = "error"
+            self.breaker.failed(self.now, "io", in_session=True)
+            exc = trio.BrokenResourceError()
+        elif how == "kept ref":
+            fake.spent = "closed"  # the user closed it and kept it
+        departure = self.planner.check_in(channel, exc, self.now)
+        self.depart([departure] if departure else [])
+
+    @precondition(lambda self: self.books.idle)
+    @rule(data=st.data(), what=st.sampled_from(["stale", "slow"]))
+    def idle_channel_changes(self, data: st.DataObject, what: str) -> None:
+        fake = cast(FakeChannel, data.draw(st.sampled_from(list(self.books.idle))))
+        if what == "stale":
+            fake.pending = True
+        else:
+            fake.latency = 0.5
+
+    @rule(seconds=st.sampled_from([0.5, 3.0, 10.0, 25.0]))
+    def time_passes(self, seconds: float) -> None:
+        self.now += seconds
+        self.breaker.cooldown_elapsed(self.now)  # the breaker's timer task
+
+    @rule()
+    def cleanup_pass(self) -> None:
+        self.depart(self.planner.plan_cleanup(self.now))
+
+    @rule()
+    def keepalive_found_spent(self) -> None:
+        self.depart(self.planner.evict_idle("stale", spent_only=True))
+
+    @rule()
+    def keep_spares(self) -> None:
+        spares_opening = sum(1 for *_, spare in self.opening if spare)
+        opens, departures = self.planner.plan_spares(self.now, spares_opening, 2)
+        self.depart(departures)
+        self.opening.extend((o.reservation, o.trial, True) for o in opens)
+
+    @precondition(lambda self: not self.books.closed)
+    @rule()
+    def shutdown(self) -> None:
+        self.depart(self.planner.close())
+        assert not self.waiting  # every waiter was told
+
+    @precondition(lambda self: self.books.closed)
+    @rule()
+    def shutdown_runs_out_of_time(self) -> None:
+        self.depart(self.planner.force_out())
+
+    # -- invariants -----------------------------------------------------------------------
+
+    @invariant()
+    def never_over_the_bound(self) -> None:
+        assert self.books.total <= MAX
+
+    @invariant()
+    def every_channel_is_in_exactly_one_place(self) -> None:
+        idle, in_use = list(self.books.idle), self.books.in_use
+        assert len(set(idle)) == len(idle)
+        assert not set(idle) & in_use
+        for channel in self.created:
+            places = (channel in idle) + (channel in in_use) + (channel in self.departed)
+            assert places == 1, channel
+
+    @invariant()
+    def the_books_match_the_holders(self) -> None:
+        granted = [c.granted for c in self.woken]
+        held = {ch for ch in self.holding if ch not in self.departed}
+        granted_channels = {g for g in granted if isinstance(g, FakeChannel)} - self.departed
+        assert self.books.in_use == held | granted_channels
+        unsettled = [r for r, *_ in self.opening] + [
+            g for g in granted if isinstance(g, Reservation)
+        ]
+        assert all(not r.settled for r in unsettled)
+        assert self.books.opening == len(unsettled)
+        assert len(self.books.waiters) == len(self.waiting)
+
+    @invariant()
+    def nobody_waits_while_a_channel_or_a_slot_is_free(self) -> None:
+        if self.books.waiters:
+            assert not self.books.idle
+            assert self.books.full
+
+    @invariant()
+    def idle_channels_are_reusable_unless_a_pass_is_due(self) -> None:
+        for channel in self.books.idle:
+            fake = cast(FakeChannel, channel)
+            assert not fake.unanswered
+            assert not fake.errors
+
+    @invariant()
+    def a_closed_pool_lends_nothing_new(self) -> None:
+        if self.books.closed:
+            assert not self.books.idle
+            assert not self.books.waiters
+            if not (self.holding or self.opening or self.woken):
+                assert self.books.total == 0 or all(
+                    ch in self.departed or ch in self.books.in_use for ch in self.created
+                )
+
+
+PlannerMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=60, deadline=None)
+TestPlanner = PlannerMachine.TestCase
+
+
+def test_cancellation_groups_are_cancellations() -> None:
+    async def main() -> None:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(trio.sleep_forever)
+                    await trio.sleep_forever()
+            except BaseException as exc:
+                caught.append(exc)
+                raise
+
+    caught: list[BaseException] = []
+    trio.run(main)
+    (exc,) = caught
+    assert is_cancellation(exc)
+    assert not is_cancellation(RuntimeError())
+    assert not is_cancellation(BaseExceptionGroup("mixed", [RuntimeError(), KeyboardInterrupt()]))
+
+
+async def test_the_books_change_in_steps_ctrl_c_cannot_split() -> None:
+    # Like trio's own locks: a KeyboardInterrupt is held back while the books change, so
+    # it can never leave a slot counted twice or lost. What the books call back into
+    # (a waiter's wake-up, a channel's liveness check) sees the protection.
+    protected: list[bool] = []
+    assert not trio.lowlevel.currently_ki_protected()  # (so the checks below can fail)
+    books = Slots(1)
+    breaker = CircuitBreaker(
+        "relay.test:443", failure_threshold=2, cooldown=10.0, half_open_trials=1,
+        trial_timeout=5.0,
+    )  # fmt: skip
+    planner = Planner(books, breaker, PoolConfig(max_connections=1))
+    decision, _ = planner.plan(0.0)
+    assert isinstance(decision, Open)
+    channel = FakeChannel(0.0)
+    decision.reservation.fill(cast(Channel, channel))
+    books.enqueue(lambda grant: protected.append(trio.lowlevel.currently_ki_protected()))
+    assert planner.check_in(cast(Channel, channel), None, 1.0) is None  # to the waiter
+
+    def has_pending_input() -> bool:
+        protected.append(trio.lowlevel.currently_ki_protected())
+        return False
+
+    channel.has_pending_input = has_pending_input  # type: ignore[method-assign]
+    books.give_back(cast(Channel, channel))
+    assert planner.lend_warm() is cast(Channel, channel)
+    assert protected == [True, True]
