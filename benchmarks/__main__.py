@@ -89,7 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"server on CPU {server_cpu}, client on {client_cpus}" if server_cpu is not None else
         "no CPU pinning"
     )  # fmt: skip
-    print("ratio: the median over repeats of the ratio within each repeat (variants take turns)")
+    print(
+        "ratio, (difference): the medians over repeats of the ratio and of the client CPU"
+        " difference within each repeat (variants take turns)"
+    )
     print(
         f"{'quick' if args.quick else 'full'} run, {args.repeats} repeats after 1 warm-up,"
         f" {pinning}; {elapsed:.0f} s"

@@ -18,14 +18,16 @@ class Scale:
 
     round_trips_per_task: int  # cases 1, 3: each of 16 tasks
     round_trips_single: int  # cases 2, 5 (pooled side)
-    checkouts: int  # case 4
+    checkouts: int  # cases 4, 12
     connects: int  # case 5, connect-per-request side
     bulk_bytes: int  # case 6
     idle_channels: int  # case 7
     scrape_round_trips: int  # case 8, before scraping
-    scrapes: int  # case 8, per repeat
+    scrapes: int  # case 8, per repeat; case 12, status() and metrics calls per repeat
     observations: int  # case 9, against 10**3
     requests_per_task: int  # case 10: each of 16 tasks
+    pool_sizes: tuple[int, ...]  # case 12: idle channels on one relay, smallest first
+    channels_per_relay: int  # case 12: with 1, 4 and 16 relays
 
 
 FULL = Scale(
@@ -39,6 +41,8 @@ FULL = Scale(
     scrapes=20,
     observations=1_000_000,
     requests_per_task=150,
+    pool_sizes=(10, 100, 1000),
+    channels_per_relay=16,
 )
 QUICK = Scale(
     round_trips_per_task=60,
@@ -51,6 +55,8 @@ QUICK = Scale(
     scrapes=5,
     observations=100_000,
     requests_per_task=20,
+    pool_sizes=(10, 50, 200),
+    channels_per_relay=4,
 )
 
 

@@ -123,33 +123,41 @@ async def in_tasks(tasks: int, work: Callable[[], Awaitable[None]], each: int) -
 
 @final
 class MiniPool:
-    """The hand-written baseline: a `trio.Semaphore` guarding a `deque` of open streams."""
+    """The hand-written baseline: a `trio.Semaphore` guarding a `deque` of open streams.
+
+    The minimal legal pool: its checkout checkpoints (`trio.Semaphore.acquire` does, as
+    every trio ``async def`` must), and it does nothing else: no liveness check, no
+    bookkeeping. Cases 1 and 2 measure it as the floor under the pool, cases 3 and 4 as
+    the baseline.
+    """
 
     def __init__(self, streams: Sequence[RawStream]) -> None:
         self._idle = deque(streams)
         self._free = trio.Semaphore(len(streams))
 
     def connection(self) -> _MiniLease:
-        return _MiniLease(self)
+        # The lease gets the deque and the semaphore themselves: no calls in between.
+        return _MiniLease(self._idle, self._free)
 
 
 @final
 class _MiniLease:
-    __slots__ = ("_pool", "_stream")
+    __slots__ = ("_free", "_idle", "_stream")
 
-    def __init__(self, pool: MiniPool) -> None:
-        self._pool = pool
+    def __init__(self, idle: deque[RawStream], free: trio.Semaphore) -> None:
+        self._idle = idle
+        self._free = free
         self._stream: RawStream | None = None
 
     async def __aenter__(self) -> RawStream:
-        await self._pool._free.acquire()
-        self._stream = self._pool._idle.pop()
+        await self._free.acquire()
+        self._stream = self._idle.pop()
         return self._stream
 
     async def __aexit__(self, *exc_info: Any) -> None:
         assert self._stream is not None
-        self._pool._idle.append(self._stream)
-        self._pool._free.release()
+        self._idle.append(self._stream)
+        self._free.release()
 
 
 async def on_each(streams: Sequence[trio.abc.Stream], each: int) -> int:

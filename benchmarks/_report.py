@@ -18,9 +18,13 @@ class Result:
 
     Attributes:
         number: The measurement's number in issue 7 ("8h": a second row for case 8).
+        ours: The measured side's repeats: the pool's, except in rows that measure a
+            baseline against another (a floor row such as "1f" says so in its title).
         ratio: How ours compares with the baseline, in the sense the target states it
             (``ratio_meaning``); None when there is no baseline.
         holds: Whether the target holds; None when there is no target.
+        cpu_difference: Client CPU µs/op of ours minus the baseline's, the median of the
+            differences within each repeat; None where a row does not state it.
     """
 
     number: str
@@ -35,6 +39,7 @@ class Result:
     target: str
     holds: bool | None
     notes: tuple[str, ...] = ()
+    cpu_difference: float | None = None
 
     @property
     def verdict(self) -> str:
@@ -63,9 +68,17 @@ def _cpu(runs: Sequence[Run] | None) -> str:
     return "-" if figures is None else _number(figures.median)
 
 
+def _cpu_column(result: Result) -> str:
+    column = f"{_cpu(result.ours)} / {_cpu(result.baseline)}"
+    if result.cpu_difference is not None:
+        column += f" ({result.cpu_difference:+.1f})"
+    return column
+
+
 HEADER = (
-    "| # | measurement | unit | ours: median (min-max) | baseline | baseline: median (min-max)"
-    " | ratio | client CPU µs/op ours / baseline | target | verdict |"
+    "| # | measurement | unit | measured: median (min-max) | baseline"
+    " | baseline: median (min-max) | ratio | client CPU µs/op measured / baseline (difference)"
+    " | target | verdict |"
 )
 
 
@@ -81,7 +94,7 @@ def table(results: Sequence[Result]) -> str:
             f" | {result.baseline_label}"
             f" | {_spread(spread(result.baseline) if result.baseline else None)}"
             f" | {ratio}"
-            f" | {_cpu(result.ours)} / {_cpu(result.baseline)}"
+            f" | {_cpu_column(result)}"
             f" | {result.target} | {result.verdict} |"
         )
         notes.extend(f"- {result.number}: {note}" for note in result.notes)

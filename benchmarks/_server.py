@@ -1,12 +1,14 @@
 """The loopback TLS server, run in its own process (pinned to its own CPU when possible).
 
-Three services on 127.0.0.1, each on a free port:
+These services on 127.0.0.1, each on a free port:
 
-- echo: every byte received is sent back (cases 1-5, 7, 8);
+- echo: every byte received is sent back (cases 1-5, 7, 8, 12);
 - sink: an 8-byte big-endian length, then that many bytes, answered with one byte
   (case 6, bulk throughput);
 - http: a keep-alive HTTP/1.1 server answering every request with a 64-byte body (case 10);
-- ws: a WebSocket echo (trio-websocket over the same TLS): every message sent back (case 11).
+- ws: a WebSocket echo (trio-websocket over the same TLS): every message sent back (case 11);
+- relays: `RELAYS` more echo services, each on a port of its own, so that a pool can be
+  spread over that many distinct relays (case 12).
 
 The process stops when the parent says so (or closes its end of the pipe), and in any case
 after ``lifetime`` seconds.
@@ -41,6 +43,9 @@ HTTP_RESPONSE = (
 _MAX_HEADER_BYTES = 64 * 1024
 _CHUNK = 256 * 1024
 
+#: How many distinct echo relays (ports) the server offers besides ``echo``.
+RELAYS = 16
+
 Handler = Callable[[trio.SSLStream[trio.SocketStream]], Awaitable[None]]
 
 
@@ -52,6 +57,7 @@ class Addresses:
     sink: tuple[str, int]
     http: tuple[str, int]
     ws: tuple[str, int]
+    relays: tuple[tuple[str, int], ...]  # `RELAYS` echo services, one port each
 
 
 @contextmanager
@@ -69,8 +75,11 @@ def running_server(
     try:
         if not ours.poll(30.0):
             raise RuntimeError("the benchmark server did not start within 30 s")
-        echo, sink, http, ws = ours.recv()
-        yield Addresses((HOST, echo), (HOST, sink), (HOST, http), (HOST, ws))
+        echo, sink, http, ws, *relays = ours.recv()
+        yield Addresses(
+            (HOST, echo), (HOST, sink), (HOST, http), (HOST, ws),
+            tuple((HOST, port) for port in relays),
+        )  # fmt: skip
     finally:
         ours.close()  # the server's watcher sees EOF and shuts down
         process.join(10.0)
@@ -89,7 +98,7 @@ def serve(server_file: str, cpu: int | None, pipe: Connection, lifetime: float) 
 async def _serve(context: ssl.SSLContext, pipe: Connection, lifetime: float) -> None:
     async with trio.open_nursery() as nursery:
         ports = []
-        for handler in (_echo, _sink, _http, _ws_echo):
+        for handler in (_echo, _sink, _http, _ws_echo, *[_echo] * RELAYS):
             listeners: list[trio.SocketListener] = await nursery.start(
                 partial(trio.serve_tcp, partial(_tls, context, handler), 0, host=HOST)
             )

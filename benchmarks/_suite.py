@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from . import _cases, _http, _memory, _scrape, _websocket
+from . import _cases, _http, _memory, _scale, _scrape, _websocket
 from ._bench import Bench
 from ._report import Result
 
@@ -31,6 +31,7 @@ CASES: tuple[Case, ...] = (
     Case(9, "histogram", _memory.histogram_memory),
     Case(10, "http", _http.peer_http),
     Case(11, "ws1", _websocket.websocket_pool_of_1),
+    Case(12, "scale", _scale.scale),
 )
 
 
