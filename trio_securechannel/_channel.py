@@ -44,6 +44,9 @@ class Channel(abc.ABC):
             current and a previous window.
         bytes_sent: Application bytes sent.
         bytes_received: Application bytes received.
+        unanswered: True when the last I/O was a send with no reply read since: such a
+            channel is not pooled again when its block ends (the reply still on its way
+            would reach the next user).
     """
 
     def __init__(
@@ -63,7 +66,9 @@ class Channel(abc.ABC):
         self.spent: str | None = None
         self.endpoint = endpoint
         self.id = next(_channel_ids)
-        self.opened_at = trio.current_time()
+        # The run's clock, bound once: two reads per round trip, on the hot path.
+        self._now = trio.lowlevel.current_clock().current_time
+        self.opened_at = self._now()
         self.idle_since = self.opened_at
         self.handshake_seconds = handshake_seconds
         self.round_trips = RotatingHistogram(self.opened_at)
@@ -72,6 +77,7 @@ class Channel(abc.ABC):
         self._latest_round_trips: deque[float] = deque(maxlen=RECENT_ROUND_TRIPS)
         # When the first send since the last reply began (None: nothing awaits a reply).
         self._awaiting_reply_since: float | None = None
+        self.unanswered = False
         self.errors: Counter[str] = Counter()
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -116,15 +122,6 @@ class Channel(abc.ABC):
         return statistics.median(self._latest_round_trips) if self._latest_round_trips else None
 
     @property
-    def unanswered(self) -> bool:
-        """True when the last I/O was a send with no reply read since.
-
-        Such a channel is not pooled again when its block ends: the reply still on its
-        way would reach the next user.
-        """
-        return self._awaiting_reply_since is not None
-
-    @property
     def closed(self) -> bool:
         """True once `aclose` was called, or the pool retired the channel (its goodbye to
         the relay may still be under way in the pool's nursery)."""
@@ -157,16 +154,18 @@ class Channel(abc.ABC):
         self.bytes_sent += size
         if (size or message) and self._awaiting_reply_since is None:
             self._awaiting_reply_since = started
+            self.unanswered = True
 
     def _received(self, size: int) -> None:
         """Book a receive that returned data: it answers the first unanswered send."""
         self.bytes_received += size
         if self._awaiting_reply_since is not None:
-            elapsed = trio.current_time() - self._awaiting_reply_since
+            elapsed = self._now() - self._awaiting_reply_since
             self.round_trips.observe(elapsed)
             self._latest_round_trips.append(elapsed)
             self.round_trips_total += 1
             self._awaiting_reply_since = None
+            self.unanswered = False
 
     def _unread_bytes(self) -> bool:
         """True if bytes (or end-of-file) wait in TLS or on the socket, unread."""
@@ -239,7 +238,7 @@ class SecureChannel(Channel, trio.abc.Stream):
         """Encrypt and send all of ``data``. See `trio.abc.SendStream.send_all`."""
         if self._closed:
             await self._raise_closed()
-        started = trio.current_time()
+        started = self._now()
         try:
             await self._stream.send_all(data)
         except trio.BusyResourceError:
@@ -296,7 +295,13 @@ class SecureChannel(Channel, trio.abc.Stream):
         Costs one ``poll()`` on the socket: cheap enough for every checkout. Streams not
         backed by a socket (custom transports) report only what TLS has buffered.
         """
-        return self._closed or self._unread_bytes()
+        if self._closed or self._tls_pending():
+            return True
+        if self._poller is not None:  # (`_unread_bytes`, inlined: this is every checkout)
+            if self._socket.fileno() != self._polled_fd:
+                return True  # closed under us (the fd may already serve another socket)
+            return bool(self._poller.poll(0))
+        return self._unread_bytes()
 
     async def absorb_handshake_tail(self) -> None:
         """Read what a TLS 1.3 server sends right after the handshake.

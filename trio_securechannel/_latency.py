@@ -43,10 +43,10 @@ class Histogram:
         self.sum += seconds
         self.count += 1
 
-    def observe_zero(self) -> None:
-        """`observe` (0.0) without the bisect: the fast path's no-wait checkout."""
-        self.counts[0] += 1
-        self.count += 1
+    def observe_zeros(self, times: int) -> None:
+        """`observe` (0.0) ``times`` times, without the bisect."""
+        self.counts[0] += times
+        self.count += times
 
     def merge(self, other: Histogram) -> None:
         counts = self.counts
@@ -109,8 +109,6 @@ class RotatingHistogram:
     def observe(self, seconds: float) -> None:
         self.current.observe(seconds)
 
-    def observe_zero(self) -> None:
-        self.current.observe_zero()
 
     def rotate_if_due(self, now: float, interval: float) -> Histogram | None:
         """Start a new window if this one is ``interval`` old; return the dropped window."""

@@ -79,8 +79,10 @@ class Relay:
         self._breaker_events = breaker_events  # the pool's: shared by all its relays
         self._events = events  # channel and breaker events as JSON-ready dicts (/events)
         self._upkeep = Upkeep(self)
+        self._keeps_spares = config.min_idle > 0
         self._drained = trio.lowlevel.ParkingLot()  # the shutdown waits here for lent channels
-        self._stats = PoolStats(trio.current_time(), config.histogram_rotation_interval)
+        self._now = trio.lowlevel.current_clock().current_time  # bound once: the hot path
+        self._stats = PoolStats(self._now(), config.histogram_rotation_interval)
         self.latency_estimate: float | None = None
         self.learns_latency = False
 
@@ -120,8 +122,9 @@ class Relay:
         its way; None sends the checkout to `checkout`."""
         channel = self._planner.lend_warm()
         if channel is not None:
-            self._stats.acquire_waits.observe_zero()
-            self._upkeep.notice_change()
+            self._stats.zero_waits += 1
+            if self._keeps_spares:
+                self._upkeep.notice_change()  # one spare fewer
         return channel
 
     async def checkout(self) -> Channel:
@@ -202,7 +205,7 @@ class Relay:
 
     def _waited(self, began: float, now: float, deadline: float | None) -> None:
         if deadline is None:
-            self._stats.acquire_waits.observe_zero()
+            self._stats.zero_waits += 1
         else:
             self._stats.acquire_waits.observe(now - began)
         self._upkeep.notice_change()
@@ -279,7 +282,7 @@ class Relay:
 
     def check_in(self, channel: Channel, exc: BaseException | None) -> None:
         """A lease ended: pool the channel, or close it (in the pool's nursery)."""
-        departure = self._planner.check_in(channel, exc, trio.current_time())
+        departure = self._planner.check_in(channel, exc, self._now())
         if departure is not None:
             self._depart((departure,))
         elif self.learns_latency and exc is None:

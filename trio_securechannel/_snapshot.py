@@ -156,9 +156,6 @@ def take_snapshot(
             stats.handshakes.recent(), stats.cumulative(stats.handshakes, stats.past_handshakes)
         ),
         round_trips=Latency(round_trips, round_trips_cumulative),
-        acquire_waits=Latency(
-            stats.acquire_waits.recent(),
-            stats.cumulative(stats.acquire_waits, stats.past_acquire_waits),
-        ),
+        acquire_waits=Latency(stats.acquire_waits_recent(), stats.acquire_waits_cumulative()),
         channels=tuple(per_channel),
     )

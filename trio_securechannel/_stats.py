@@ -30,6 +30,9 @@ class PoolStats:
         self.past_bytes_received = 0
         self.handshakes = RotatingHistogram(now)
         self.acquire_waits = RotatingHistogram(now)
+        # Checkouts served without waiting, since the last rotation: a plain count on the
+        # fast path, which the acquire-wait figures below include as zero-second waits.
+        self.zero_waits = 0
         # Cumulative figures dropped by rotations (and by closed channels' windows).
         self.past_handshakes = Histogram()
         self.past_acquire_waits = Histogram()
@@ -56,6 +59,9 @@ class PoolStats:
     def rotate(self, now: float, channels: Iterable[Channel]) -> None:
         """Rotate every window that is due, the pool's and its live channels'."""
         interval = self.rotation_interval
+        if self.zero_waits:
+            self.acquire_waits.current.observe_zeros(self.zero_waits)
+            self.zero_waits = 0
         for rotating, past in (
             (self.handshakes, self.past_handshakes),
             (self.acquire_waits, self.past_acquire_waits),
@@ -81,6 +87,16 @@ class PoolStats:
 
     def bytes_received(self, live: Iterable[Channel]) -> int:
         return self.past_bytes_received + sum(channel.bytes_received for channel in live)
+
+    def acquire_waits_recent(self) -> Histogram:
+        recent = self.acquire_waits.recent()
+        recent.observe_zeros(self.zero_waits)
+        return recent
+
+    def acquire_waits_cumulative(self) -> Histogram:
+        total = self.cumulative(self.acquire_waits, self.past_acquire_waits)
+        total.observe_zeros(self.zero_waits)
+        return total
 
     def cumulative(self, rotating: RotatingHistogram, past: Histogram) -> Histogram:
         total = Histogram()
