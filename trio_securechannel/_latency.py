@@ -109,7 +109,6 @@ class RotatingHistogram:
     def observe(self, seconds: float) -> None:
         self.current.observe(seconds)
 
-
     def rotate_if_due(self, now: float, interval: float) -> Histogram | None:
         """Start a new window if this one is ``interval`` old; return the dropped window."""
         if now - self.window_started < interval:
