@@ -9,7 +9,7 @@ relays configured); no label is per connection, so cardinality stays bounded.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, final
 
 from prometheus_client.core import (
@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 from ._breaker import BreakerState
 
 if TYPE_CHECKING:
-    from ._pool import SecureChannelPool
+    from ._snapshot import PoolSnapshot
 
 #: The value of ``<namespace>_breaker_state`` for each state.
 BREAKER_STATE_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
@@ -33,16 +33,16 @@ BREAKER_STATE_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, Break
 class PoolCollector(Collector):
     """Yields the pool's metrics whenever its registry is scraped."""
 
-    def __init__(self, pool: SecureChannelPool) -> None:
-        self._pool = pool
+    def __init__(self, namespace: str, take_snapshot: Callable[[], PoolSnapshot]) -> None:
+        self._namespace = namespace
+        self._take_snapshot = take_snapshot  # the pool's, without each channel's figures
 
     def describe(self) -> list[Metric]:
         return []  # nothing to check at registration: names are unique by construction
 
     def collect(self) -> Iterator[Metric]:
-        pool = self._pool
-        ns = pool.config.namespace
-        snapshot = pool.snapshot(channels=False)
+        ns = self._namespace
+        snapshot = self._take_snapshot()
         families: list[Metric] = []
 
         def family(kind: Any, name: str, text: str, *labels: str) -> Any:

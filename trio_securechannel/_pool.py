@@ -10,6 +10,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any, final
 
 import trio
@@ -76,7 +77,9 @@ class SecureChannelPool:
         self._streams = Router(streams) if streams else None
         self._websockets = Router(websockets) if websockets else None
         self.metrics_registry = CollectorRegistry(auto_describe=False)
-        self.metrics_registry.register(PoolCollector(self))
+        self.metrics_registry.register(
+            PoolCollector(config.namespace, partial(self._snapshot, channels=False))
+        )
 
     def __repr__(self) -> str:
         return f"<SecureChannelPool {', '.join(map(str, self.endpoints))}>"
@@ -170,19 +173,16 @@ class SecureChannelPool:
         """The pool's open channels, idle and lent out, on every relay."""
         return [channel for relay in self._relays for channel in relay.channels()]
 
-    def snapshot(self, *, channels: bool = True) -> PoolSnapshot:
-        """The pool's state and figures at this instant, as frozen objects.
-
-        What `status` and ``/metrics`` are made from. ``channels=False`` leaves out each
-        channel's own figures (cheaper, with many channels).
-        """
+    def _snapshot(self, *, channels: bool = True) -> PoolSnapshot:
+        """The pool's state and figures at this instant, frozen: what `status` and
+        ``/metrics`` are made from (``channels``: each channel's figures too)."""
         return PoolSnapshot(
             self.closed, tuple(relay.snapshot(channels=channels) for relay in self._relays)
         )
 
     def status(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot: totals, and each relay's own under ``endpoints``."""
-        return pool_status(self.snapshot(), self.config.max_connections, self.config.min_idle)
+        return pool_status(self._snapshot(), self.config.max_connections, self.config.min_idle)
 
 
 def open_pool(
