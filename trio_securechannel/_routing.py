@@ -43,11 +43,12 @@ class Router:
     async def checkout(self) -> tuple[Relay, Channel]:
         """Check out from the best relay that can serve at once, else wait at the best.
 
-        Relays that can serve at once (a warm channel, or room to open one) are tried
-        before anyone waits in line; a failure before anything was sent (no channel could
-        be opened, the breaker opened meanwhile) moves on to the next relay. Only when
-        every relay is full does the checkout wait, on the best one, for up to
-        ``acquire_timeout``.
+        The better of two random relays is asked first (the fast path: a warm channel
+        there); then, in order of preference, relays that can serve at once (a warm
+        channel, or room to open one) are tried before anyone waits in line, and a
+        failure before anything was sent (no channel could be opened, the breaker opened
+        meanwhile) moves on to the next relay. Only when every relay is full does the
+        checkout wait, on the best one, for up to ``acquire_timeout``.
 
         Raises:
             CircuitOpen: Every relay's breaker is open (counted once, on the relay back
@@ -57,13 +58,19 @@ class Router:
         relays = self.relays
         if relays[0].closed:
             raise PoolClosed(self._names)
+        pair = self._two_choices()
+        channel = pair[0].try_lend()
+        if channel is not None:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return pair[0], channel
         now = trio.current_time()
         candidates = [relay for relay in relays if relay.admits(now)]
         if not candidates:
             soonest = min(relays, key=lambda relay: relay.retry_after(now))
             error = soonest.refuse(now)
             raise CircuitOpen(self._names, error.retry_after)
-        ranked = self.ranked(candidates)
+        ranked = [relay for relay in pair if relay in candidates]
+        ranked += sorted((r for r in candidates if r not in pair), key=lambda r: r.load)
         failures: list[ConnectError | CircuitOpen] = []
         for relay in ranked:  # in order of preference, the first that serves at once
             channel = relay.try_lend()
@@ -82,16 +89,21 @@ class Router:
             raise connect_errors[-1]
         raise min(failures, key=lambda exc: getattr(exc, "retry_after", 0.0))
 
-    def ranked(self, candidates: list[Relay]) -> list[Relay]:
-        """Power of two choices: the better of two random candidates, then the rest.
+    def _two_choices(self) -> tuple[Relay, Relay]:
+        """Power of two choices: two random relays, the one with the lower load first.
 
         Ties go either way at random, and now and then the other of the two is taken, so
         a relay that looked slow once is measured again rather than starved.
         """
-        draw = self._random.random
-        pair = self._random.sample(candidates, 2) if len(candidates) > 2 else list(candidates)
-        pair.sort(key=lambda relay: (relay.load, draw()))
-        if len(pair) == 2 and draw() < EXPLORE:
-            pair.reverse()
-        rest = sorted((c for c in candidates if c not in pair), key=lambda relay: relay.load)
-        return [*pair, *rest]
+        relays, draw = self.relays, self._random.random
+        count = len(relays)
+        first = int(draw() * count)
+        second = int(draw() * (count - 1))
+        second += second >= first
+        better, worse = relays[first], relays[second]
+        better_load, worse_load = better.load, worse.load
+        if worse_load < better_load or (worse_load == better_load and draw() < 0.5):
+            better, worse = worse, better
+        if draw() < EXPLORE:
+            better, worse = worse, better
+        return better, worse
