@@ -49,6 +49,8 @@ class Histogram:
         self.count += times
 
     def merge(self, other: Histogram) -> None:
+        if not other.count:
+            return  # (an idle channel's window: common, and status() merges one per channel)
         counts = self.counts
         for index, value in enumerate(other.counts):
             if value:
