@@ -90,3 +90,32 @@ async def test_a_slow_goodbye_does_not_hold_up_leaving_the_block(
         assert books(pool)["closed_by_reason"] == {"lifetime": 1}
         exit_began = trio.current_time()
     assert trio.current_time() - exit_began <= 5.0  # the goodbye was cut at shutdown_timeout
+
+
+async def test_a_goodbye_that_fails_ends_that_close_only(
+    relay: Relay, client_context: ssl.SSLContext
+) -> None:
+    # A goodbye runs in the pool's nursery: whatever it raises (here the socket was closed
+    # behind the channel's back, so the TLS close_notify meets a closed transport) must
+    # not take the pool, or anyone else's block, down with it.
+    async with sc.open_pool(
+        relay.target, ssl_context=client_context, max_lifetime=0.2, max_connections=2
+    ) as pool:
+        bystander_done = trio.Event()
+
+        async def bystander() -> None:
+            async with pool.connection() as other:
+                for _ in range(10):
+                    assert await echo(other, b"busy") == b"busy"
+                    await trio.sleep(0.05)
+            bystander_done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bystander)
+            async with pool.connection() as channel:
+                assert await echo(channel, b"x") == b"x"
+                await channel.ssl_stream.transport_stream.aclose()  # behind its back
+                await trio.sleep(0.3)  # past max_lifetime: retired with a goodbye
+            await bystander_done.wait()
+        assert books(pool)["closed_by_reason"]["lifetime"] >= 1
+        assert channel.closed

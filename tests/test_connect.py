@@ -4,7 +4,9 @@ relay's circuit breaker) and which are bugs, which come out as themselves and bl
 
 from __future__ import annotations
 
+import socket
 import ssl
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -96,3 +98,46 @@ async def test_a_name_the_resolver_cannot_encode_is_a_connect_error(
         assert status["errors_by_kind"] == {"tcp": 1}
         assert status["breaker"]["consecutive_failures"] == 1
         assert books(pool)["in_use"] == books(pool)["opening"] == 0
+
+
+async def test_a_proxy_that_resets_is_a_failure_to_connect(
+    nursery: trio.Nursery, client_context: ssl.SSLContext
+) -> None:
+    # An open_transport through an HTTP CONNECT proxy: a proxy that resets the connection
+    # reaches it as trio.BrokenResourceError, a transport error like any other. The
+    # caller gets a ConnectError and the relay's breaker counts it.
+    async def resetting_proxy(stream: trio.SocketStream) -> None:
+        await stream.receive_some()  # the CONNECT request
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        stream.socket.close()  # a TCP RST
+
+    listeners = await nursery.start(trio.serve_tcp, resetting_proxy, 0)
+    proxy_port = listeners[0].socket.getsockname()[1]
+
+    async def via_proxy(host: str, port: int) -> trio.abc.Stream:
+        stream = await trio.open_tcp_stream("127.0.0.1", proxy_port)
+        try:
+            await stream.send_all(f"CONNECT {host}:{port} HTTP/1.1\r\n\r\n".encode())
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = await stream.receive_some()
+                if not chunk:
+                    raise ConnectionError("the proxy hung up")
+                answer += chunk
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return stream
+
+    async with sc.open_pool(
+        "relay.test:443",
+        ssl_context=client_context,
+        open_transport=via_proxy,
+        breaker_failure_threshold=1,
+    ) as pool:
+        with pytest.raises(sc.ConnectError, match=r"relay\.test:443") as info:
+            async with pool.connection():
+                pass
+        assert isinstance(info.value.__cause__, trio.BrokenResourceError)
+        assert pool.status()["errors_by_kind"] == {"tcp": 1}
+        assert pool.breaker_state is sc.BreakerState.OPEN

@@ -60,8 +60,12 @@ class Closer:
             self._scopes.add(scope)
             try:
                 await channel.aclose()
-            except (trio.BrokenResourceError, OSError) as exc:
-                logger.debug("closing %r: %r", channel, exc)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                logger.debug("closing %r: %r", channel, exc)  # the relay or socket is gone
+            except Exception:
+                # Background work: whatever a custom transport raises while closing ends
+                # this one close, never the pool (nor, after it, the run).
+                logger.warning("closing %r failed", channel, exc_info=True)
             finally:
                 self._scopes.discard(scope)
                 self._pending -= 1

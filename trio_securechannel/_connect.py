@@ -86,6 +86,10 @@ async def _open_transport(endpoint: Endpoint, config: PoolConfig) -> trio.abc.St
         transport = await opener(endpoint.host, endpoint.port)
     except OSError as exc:  # refused, unreachable, DNS (socket.gaierror), ...
         raise ConnectError(name, "tcp", f"TCP connect failed: {_describe(exc)}") from exc
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        # A transport that speaks to a proxy first (HTTP CONNECT, SOCKS) sees a proxy that
+        # resets or hangs up as trio stream errors: still a failure to connect.
+        raise ConnectError(name, "tcp", f"cannot connect: {_describe(exc)}") from exc
     except UnicodeError as exc:
         # The resolver's IDNA 2008 encoding refused the name (stricter than the IDNA 2003
         # check open_pool made): a name that cannot be looked up.
