@@ -28,6 +28,14 @@ def test_quantiles_within_bucket_resolution() -> None:
     assert histogram.sum == pytest.approx(sum(samples))
 
 
+def test_the_lowest_quantile_is_the_lowest_bucket_with_anything_in_it() -> None:
+    histogram = Histogram()
+    histogram.observe(0.008)  # bucket (6.3 ms, 8 ms]: the lower ones are empty
+    histogram.observe(0.05)
+    assert histogram.quantile(0.0) == pytest.approx(0.0063)
+    assert histogram.quantile(1.0) == pytest.approx(0.05)
+
+
 def test_extremes_land_in_the_first_and_overflow_buckets() -> None:
     histogram = Histogram()
     histogram.observe(0.0)

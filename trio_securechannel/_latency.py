@@ -9,7 +9,7 @@ drops is folded into the pool's cumulative figures, which Prometheus needs monot
 from __future__ import annotations
 
 from array import array
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from itertools import accumulate
 from typing import Any, final
 
@@ -64,8 +64,9 @@ class Histogram:
 
     def _quantile(self, q: float, cumulative: list[int]) -> float:
         rank = q * self.count
-        # The first bucket whose running total reaches the rank (it is never empty).
-        index = bisect_left(cumulative, rank)
+        # The first bucket whose running total reaches the rank (never an empty one: for
+        # rank 0, the first bucket with anything in it).
+        index = bisect_left(cumulative, rank) if rank > 0 else bisect_right(cumulative, 0)
         if index >= len(BOUNDS):
             return BOUNDS[-1]  # beyond the last bound: all we can say
         value = self.counts[index]
