@@ -18,7 +18,7 @@ import trio_securechannel as sc
 
 from conftest import make_server_context
 from helpers import books, echo
-from relay import Relay
+from relay import MemoryRelay, Relay
 
 
 async def dropped_mid_use(pool: sc.SecureChannelPool, relay: Relay) -> None:
@@ -119,3 +119,29 @@ async def test_a_goodbye_that_fails_ends_that_close_only(
             await bystander_done.wait()
         assert books(pool)["closed_by_reason"]["lifetime"] >= 1
         assert channel.closed
+
+
+async def test_ctrl_c_waits_for_a_checkout_to_reach_a_checkpoint(
+    autojump_clock: trio.testing.MockClock,
+    memory_relay: MemoryRelay,
+    client_context: ssl.SSLContext,
+) -> None:
+    # A KeyboardInterrupt between the planner reserving a slot and the relay acting on it
+    # would leak the slot for good. Like trio's Semaphore.acquire, a checkout is protected
+    # as a whole (Ctrl-C lands at its next checkpoint): seen here from inside the user's
+    # own open_transport, which the checkout runs.
+    protected: list[bool] = []
+
+    async def open_transport(host: str, port: int) -> trio.abc.Stream:
+        protected.append(trio.lowlevel.currently_ki_protected())
+        return await memory_relay.open_transport(host, port)
+
+    assert not trio.lowlevel.currently_ki_protected()  # (so the check below can fail)
+    async with (
+        sc.open_pool(
+            "relay.test:443", ssl_context=client_context, open_transport=open_transport
+        ) as pool,
+        pool.connection() as channel,
+    ):
+        assert await echo(channel, b"x") == b"x"
+    assert protected == [True]

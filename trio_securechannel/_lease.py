@@ -6,6 +6,7 @@ from types import TracebackType
 from typing import Generic, TypeVar, final
 
 import trio
+from trio.lowlevel import enable_ki_protection
 
 from ._channel import Channel
 from ._relay import Relay
@@ -19,6 +20,9 @@ class Lease(Generic[ChannelT]):
     """One checkout from ``router``'s relays, whose channels are all ``ChannelT``.
 
     The block's own exception, if any, always leaves unchanged (never in a group).
+    Entering and leaving are protected from Ctrl-C, as trio's `trio.Semaphore.acquire`
+    is: a KeyboardInterrupt between the books' decision and the lease holding its result
+    would leak a slot, so it waits for the next checkpoint instead.
     """
 
     __slots__ = ("_channel", "_relay", "_router")
@@ -28,6 +32,7 @@ class Lease(Generic[ChannelT]):
         self._relay: Relay | None = None
         self._channel: Channel | None = None
 
+    @enable_ki_protection
     async def __aenter__(self) -> ChannelT:
         if self._channel is not None:
             raise RuntimeError("a pool connection lease cannot be entered twice")
@@ -47,6 +52,7 @@ class Lease(Generic[ChannelT]):
         self._relay, self._channel = relay, channel
         return channel  # type: ignore[return-value]  # relays of its kind lend only those
 
+    @enable_ki_protection
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,

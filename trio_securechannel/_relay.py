@@ -6,6 +6,11 @@ left the books, and keeps the figures. Its named operations are all the rest of 
 uses: `try_lend`, `checkout`, `check_in`, `refuse`, `retry_after`, `admits`, `has_room`,
 `load` and `snapshot` for checkouts and readers; `plan_spares`, `open_spare`, `clean` and
 `evict_spent_idle` for the upkeep; `stop_lending` and `shutdown` for the exit.
+
+The operations that carry a decision of the planner's through to its end (a checkout, a
+give-back, a departure) are protected from Ctrl-C as a whole, as trio's own locks are: a
+KeyboardInterrupt in between would leave a reserved slot or a departed channel behind, so
+it is delivered at the next checkpoint instead.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any, final
 
 import outcome
 import trio
+from trio.lowlevel import enable_ki_protection
 
 from ._breaker import BreakerEvent, BreakerState, CircuitBreaker
 from ._channel import Channel
@@ -117,6 +123,7 @@ class Relay:
 
     # -- checkout -------------------------------------------------------------------------
 
+    @enable_ki_protection
     def try_lend(self) -> Channel | None:
         """The fast path, synchronous: a warm channel if one is fit and nothing stands in
         its way; None sends the checkout to `checkout`."""
@@ -127,6 +134,7 @@ class Relay:
                 self._upkeep.notice_change()  # one spare fewer
         return channel
 
+    @enable_ki_protection
     async def checkout(self) -> Channel:
         """Plan, act, and plan again until the checkout has a channel or an answer.
 
@@ -280,6 +288,7 @@ class Relay:
 
     # -- give-back ------------------------------------------------------------------------
 
+    @enable_ki_protection
     def check_in(self, channel: Channel, exc: BaseException | None) -> None:
         """A lease ended: pool the channel, or close it (in the pool's nursery)."""
         departure = self._planner.check_in(channel, exc, self._now())
@@ -312,6 +321,7 @@ class Relay:
 
     # -- departures -----------------------------------------------------------------------
 
+    @enable_ki_protection
     def _depart(self, departures: Iterable[Departure]) -> None:
         """Account for channels that left the books, in the same step (totals must never
         dip while a close is pending), then close them in the pool's nursery."""
@@ -353,6 +363,7 @@ class Relay:
         self._depart(departures)
         return opens
 
+    @enable_ki_protection
     async def open_spare(self, decision: Open) -> None:
         """Open a spare in its reserved slot and pool it, once it is quiet."""
         channel = await self._open(decision)

@@ -13,6 +13,7 @@ import random
 from typing import final
 
 import trio
+from trio.lowlevel import enable_ki_protection
 
 from ._channel import Channel
 from ._errors import CircuitOpen, ConnectError, PoolClosed
@@ -40,6 +41,7 @@ class Router:
         for relay in relays:
             relay.learns_latency = len(relays) > 1  # latency matters only for choosing
 
+    @enable_ki_protection
     async def checkout(self) -> tuple[Relay, Channel]:
         """Check out from the best relay that can serve at once, else wait at the best.
 
