@@ -19,7 +19,13 @@ from typing import Any, cast
 import hypothesis.strategies as st
 import trio
 from hypothesis import settings
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from trio_securechannel import PoolConfig
 from trio_securechannel._breaker import BreakerState, CircuitBreaker, Trial
@@ -41,6 +47,15 @@ if sys.version_info < (3, 11):
 
 MAX = 3
 _ids = itertools.count(1)
+#: What the interleavings reached, over a whole run: each of MUST_REACH (all reached
+#: dozens of times in a typical run) must be reached, or the run proves nothing about it.
+#: The rarer paths are walked on purpose in the scenarios at the end of this file.
+reached: Counter[str] = Counter()
+MUST_REACH = {
+    "lend", "lend after a wait", "open", "open as a trial", "wait", "wait with a trial",
+    "refuse", "refuse releasing a slot", "closed", "spare as a trial", "departed: stale",
+    "departed: unanswered", "departed: error", "departed: shutdown",
+}  # fmt: skip
 
 
 class FakeChannel:
@@ -72,6 +87,13 @@ class FakeChannel:
     def retire_when_returned(self, reason: str) -> None:
         if self.spent is None:
             self.spent = reason
+
+
+class _First:
+    """Stands in for hypothesis's data where a rule drives another: the first, always."""
+
+    def draw(self, strategy: Any) -> int:
+        return 0
 
 
 @dataclass(eq=False)
@@ -119,20 +141,49 @@ class PlannerMachine(RuleBasedStateMachine):
         for departure in departures:
             assert departure.channel not in self.departed, "closed twice"
             self.departed.add(departure.channel)
+            reached[f"departed: {departure.reason}"] += 1
 
-    def act(self, checkout: Checkout, plan: tuple[Any, list[Departure]]) -> None:
+    def assert_fit_to_lend(self, channel: Channel) -> None:
+        fake = cast(FakeChannel, channel)
+        assert not self.books.closed, "lent after the pool closed"
+        assert self.breaker.state is BreakerState.CLOSED, "lent past a breaker not closed"
+        assert fake.spent is None, "lent a spent channel"
+        assert not fake.pending, "lent a channel with something unread on it"
+        assert self.now - fake.opened_at < 50.0, "lent past max_lifetime"
+
+    def act(
+        self, checkout: Checkout, plan: tuple[Any, list[Departure]], held: Grant | None = None
+    ) -> None:
         decision, departures = plan
         self.depart(departures)
         if isinstance(decision, Lend):
+            self.assert_fit_to_lend(decision.channel)
+            reached["lend after a wait" if held is not None else "lend"] += 1
             self.holding.append(decision.channel)
         elif isinstance(decision, Open):
+            assert not self.books.closed, "a connect after the pool closed"
+            if self.breaker.state is not BreakerState.CLOSED:
+                assert decision.trial is not None, "a connect without the breaker's leave"
+            reached["open as a trial" if decision.trial else "open"] += 1
+            if decision.trial is not None and isinstance(held, FakeChannel):
+                reached["trial on a granted channel"] += 1
             self.opening.append((decision.reservation, decision.trial, False))
         elif isinstance(decision, Wait):
+            reached["wait with a trial" if decision.trial else "wait"] += 1
             checkout.trial = decision.trial
             checkout.waiter = self.books.enqueue(lambda grant: self.grant(checkout, grant))
             self.waiting.append(checkout)
+        elif isinstance(decision, Refuse):
+            assert self.breaker.state is not BreakerState.CLOSED
+            reached["refuse"] += 1
+            if isinstance(held, FakeChannel):
+                reached["refuse handing a channel on"] += 1
+            elif isinstance(held, Reservation):
+                reached["refuse releasing a slot"] += 1
         else:
-            assert isinstance(decision, Refuse | Closed)
+            assert isinstance(decision, Closed)
+            assert self.books.closed
+            reached["closed"] += 1
 
     def grant(self, checkout: Checkout, grant: Grant) -> None:
         self.waiting.remove(checkout)
@@ -150,12 +201,26 @@ class PlannerMachine(RuleBasedStateMachine):
     def fast_checkout(self) -> None:
         channel = self.planner.lend_warm()
         if channel is not None:
-            assert channel.reusable
+            self.assert_fit_to_lend(channel)
             self.holding.append(channel)
 
     @rule()
     def checkout(self) -> None:
         self.act(Checkout(), self.planner.plan(self.now))
+
+    @rule()
+    def crowd(self) -> None:
+        """More checkouts at once than there are slots: some wait in line."""
+        for _ in range(MAX + 1):
+            self.act(Checkout(), self.planner.plan(self.now))
+
+    @rule(data=st.data())
+    def breaker_trips(self, data: st.DataObject) -> None:
+        """Failures elsewhere (other channels' I/O errors) open the breaker, now and then."""
+        if data.draw(st.integers(0, 3)):
+            return
+        for _ in range(self.breaker.failure_threshold):
+            self.breaker.failed(self.now, "elsewhere", in_session=True)
 
     @precondition(lambda self: self.woken)
     @rule(data=st.data())
@@ -167,7 +232,7 @@ class PlannerMachine(RuleBasedStateMachine):
                 self.breaker.trial_abandoned(checkout.trial)
             return
         assert grant is not None
-        self.act(checkout, self.planner.plan(self.now, grant, checkout.trial))
+        self.act(checkout, self.planner.plan(self.now, grant, checkout.trial), held=grant)
 
     @precondition(lambda self: self.waiting)
     @rule(data=st.data())
@@ -205,6 +270,19 @@ class PlannerMachine(RuleBasedStateMachine):
             self.depart([departure] if departure else [])
         else:
             self.holding.append(channel)
+
+    @precondition(lambda self: self.opening)
+    @rule()
+    def every_open_connects(self) -> None:
+        """A burst of handshakes completes."""
+        while self.opening:
+            self.finish_open(_First(), "connected")
+
+    @precondition(lambda self: self.holding)
+    @rule()
+    def every_lease_ends_well(self) -> None:
+        while self.holding:
+            self.give_back(_First(), "ok")
 
     @precondition(lambda self: self.holding)
     @rule(
@@ -245,7 +323,16 @@ class PlannerMachine(RuleBasedStateMachine):
 
     @rule()
     def cleanup_pass(self) -> None:
+        fit = sum(
+            1
+            for ch in self.books.idle
+            if ch.spent is None
+            and not cast(FakeChannel, ch).pending
+            and self.now - ch.opened_at < 50.0
+            and (cast(FakeChannel, ch).latency or 0.0) <= 0.1
+        )
         self.depart(self.planner.plan_cleanup(self.now))
+        assert len(self.books.idle) >= min(fit, 1), "reaped below min_idle"
 
     @rule()
     def keepalive_found_spent(self) -> None:
@@ -256,11 +343,18 @@ class PlannerMachine(RuleBasedStateMachine):
         spares_opening = sum(1 for *_, spare in self.opening if spare)
         opens, departures = self.planner.plan_spares(self.now, spares_opening, 2)
         self.depart(departures)
+        for spare in opens:
+            assert not self.books.closed
+            if self.breaker.state is not BreakerState.CLOSED:
+                assert spare.trial is not None, "a spare without the breaker's leave"
+                reached["spare as a trial"] += 1
         self.opening.extend((o.reservation, o.trial, True) for o in opens)
 
     @precondition(lambda self: not self.books.closed)
-    @rule()
-    def shutdown(self) -> None:
+    @rule(data=st.data())
+    def shutdown(self, data: st.DataObject) -> None:
+        if data.draw(st.integers(0, 29)):
+            return  # rarely: most interleavings should run on an open pool
         self.depart(self.planner.close())
         assert not self.waiting  # every waiter was told
 
@@ -311,18 +405,25 @@ class PlannerMachine(RuleBasedStateMachine):
             assert not fake.errors
 
     @invariant()
-    def a_closed_pool_lends_nothing_new(self) -> None:
+    def a_closed_pool_keeps_nothing_idle_and_nobody_waiting(self) -> None:
         if self.books.closed:
             assert not self.books.idle
             assert not self.books.waiters
-            if not (self.holding or self.opening or self.woken):
-                assert self.books.total == 0 or all(
-                    ch in self.departed or ch in self.books.in_use for ch in self.created
-                )
+
+    @invariant()
+    def every_trial_permit_out_is_held_by_someone(self) -> None:
+        held = {c.trial for c in [*self.waiting, *self.woken] if c.trial is not None}
+        held |= {trial for _, trial, _ in self.opening if trial is not None}
+        assert self.breaker._trials == {t for t in held if self.breaker.holds(t)}
 
 
-PlannerMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=60, deadline=None)
-TestPlanner = PlannerMachine.TestCase
+def test_random_interleavings_keep_every_invariant() -> None:
+    reached.clear()
+    run_state_machine_as_test(
+        PlannerMachine, settings=settings(max_examples=400, stateful_step_count=80, deadline=None)
+    )
+    missing = MUST_REACH - set(reached)
+    assert not missing, f"never reached: {sorted(missing)}"
 
 
 def test_cancellation_groups_are_cancellations() -> None:
@@ -372,3 +473,119 @@ async def test_the_books_change_in_steps_ctrl_c_cannot_split() -> None:
     books.give_back(cast(Channel, channel))
     assert planner.lend_warm() is cast(Channel, channel)
     assert protected == [True, True]
+
+
+# -- the rarer paths, walked on purpose with the same machine and its invariants ----------
+
+
+class _Scenario:
+    """Drives a `PlannerMachine` step by step, checking every invariant after each."""
+
+    def __init__(self) -> None:
+        self.machine = PlannerMachine()
+        self._before = reached.copy()
+
+    def newly(self, label: str) -> int:
+        """How often this scenario reached ``label``."""
+        return reached[label] - self._before[label]
+
+    def __getattr__(self, rule: str) -> Any:
+        step = getattr(self.machine, rule)
+
+        def run(*args: Any) -> None:
+            step(*args)
+            for name in dir(PlannerMachine):
+                check = getattr(PlannerMachine, name)
+                if getattr(check, "hypothesis_stateful_invariant", None) is not None:
+                    check(self.machine)
+
+        return run
+
+
+def _lent(scenario: _Scenario, count: int) -> None:
+    for _ in range(count):
+        scenario.checkout()
+        scenario.finish_open(_First(), "connected")
+
+
+def test_a_trial_in_line_handed_a_channel_trades_it_for_a_fresh_one() -> None:
+    scenario = _Scenario()
+    machine = scenario.machine
+    _lent(scenario, MAX)  # every slot lent
+    scenario.breaker_trips(_Always())  # failures elsewhere: open
+    scenario.time_passes(10.0)  # cooldown over: half-open
+    scenario.checkout()  # takes the trial, finds every slot lent: waits with it
+    assert machine.waiting[0].trial is not None
+    scenario.give_back(_First(), "ok")  # a lent channel comes back: handed to the trial
+    before = set(machine.departed)
+    scenario.resume_after_grant(_First())
+    (traded,) = machine.departed - before  # the pooled channel leaves, with a goodbye
+    assert scenario.newly("trial on a granted channel") == 1
+    assert machine.opening[-1][1] is not None  # a fresh connect, as the trial
+    assert traded not in machine.books.in_use
+
+
+def test_a_trial_handed_a_channel_as_the_pool_closes_gives_everything_back() -> None:
+    scenario = _Scenario()
+    machine = scenario.machine
+    _lent(scenario, MAX)
+    scenario.breaker_trips(_Always())
+    scenario.time_passes(10.0)  # half-open
+    scenario.checkout()  # waits in line with the trial
+    scenario.give_back(_First(), "ok")  # handed a channel...
+    scenario.shutdown(_Always())  # ... but the pool closes before it runs
+    scenario.resume_after_grant(_First())  # Closed: the channel leaves, the permit returns
+    assert scenario.newly("closed") == 1
+    assert machine.breaker.trial_available()
+
+
+def test_a_refused_waiter_hands_its_channel_to_the_next_in_line() -> None:
+    scenario = _Scenario()
+    machine = scenario.machine
+    _lent(scenario, MAX)
+    scenario.crowd()  # MAX + 1 more: all wait
+    scenario.give_back(_First(), "ok")  # to the first in line
+    scenario.breaker_trips(_Always())  # open before it runs
+    scenario.resume_after_grant(_First())  # refused: the channel goes to the next in line
+    assert scenario.newly("refuse handing a channel on") == 1
+    assert len(machine.woken) == 1  # the next waiter now holds it
+    assert isinstance(machine.woken[0].granted, FakeChannel)
+
+
+def test_cleanup_retires_idle_slow_and_old_channels_but_keeps_min_idle() -> None:
+    scenario = _Scenario()
+    machine = scenario.machine
+    _lent(scenario, MAX)
+    scenario.every_lease_ends_well()  # three idle channels
+    slow = cast(FakeChannel, machine.books.idle[-1])
+    slow.latency = 0.5  # its recent round trips are over max_latency_ms
+    scenario.time_passes(25.0)  # past idle_timeout
+    scenario.cleanup_pass()
+    assert [ch.id for ch in machine.books.idle] == [cast(FakeChannel, machine.created[1]).id]
+    assert scenario.newly("departed: slow") == 1
+    assert scenario.newly("departed: idle") == 1
+    scenario.time_passes(25.0)
+    scenario.time_passes(3.0)  # past max_lifetime
+    scenario.cleanup_pass()
+    assert scenario.newly("departed: lifetime") == 1
+    assert not machine.books.idle
+
+
+def test_a_trial_evicts_an_idle_channel_when_idle_ones_fill_every_slot() -> None:
+    scenario = _Scenario()
+    machine = scenario.machine
+    _lent(scenario, MAX)
+    scenario.every_lease_ends_well()  # every slot holds an idle channel
+    scenario.breaker_trips(_Always())
+    scenario.time_passes(10.0)  # half-open
+    scenario.checkout()  # the trial needs a fresh channel: the longest idle one makes room
+    assert scenario.newly("departed: trial") == 1
+    assert scenario.newly("open as a trial") == 1
+    assert len(machine.books.idle) == MAX - 1
+
+
+class _Always:
+    """Stands in for hypothesis's data: the draw that makes a rule act."""
+
+    def draw(self, strategy: Any) -> int:
+        return 0
