@@ -53,7 +53,7 @@ _ids = itertools.count(1)
 reached: Counter[str] = Counter()
 MUST_REACH = {
     "lend", "lend after a wait", "open", "open as a trial", "wait", "wait with a trial",
-    "refuse", "refuse releasing a slot", "closed", "spare as a trial", "departed: stale",
+    "refuse", "refuse releasing a slot", "closed", "departed: stale",
     "departed: unanswered", "departed: error", "departed: shutdown",
 }  # fmt: skip
 
@@ -582,6 +582,18 @@ def test_a_trial_evicts_an_idle_channel_when_idle_ones_fill_every_slot() -> None
     assert scenario.newly("departed: trial") == 1
     assert scenario.newly("open as a trial") == 1
     assert len(machine.books.idle) == MAX - 1
+
+
+def test_the_spare_keeper_makes_the_half_open_trial_itself() -> None:
+    scenario = _Scenario()
+    scenario.breaker_trips(_Always())
+    scenario.keep_spares()  # open: no connect at all
+    assert not scenario.machine.opening
+    scenario.time_passes(10.0)  # half-open, and min_idle lacks its spare
+    scenario.keep_spares()
+    assert scenario.newly("spare as a trial") == 1
+    scenario.keep_spares()  # one trial at a time
+    assert len(scenario.machine.opening) == 1
 
 
 class _Always:
