@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import NamedTuple, TypeAlias, final
 
 import trio
@@ -35,47 +34,40 @@ if sys.version_info < (3, 11):
 _CLOSED_BREAKER = BreakerState.CLOSED
 
 
-@final
-@dataclass(frozen=True, slots=True)
-class Lend:
+class Lend(NamedTuple):
     """Hand ``channel`` (already counted in use) to the caller."""
 
     channel: Channel
 
 
-@final
-@dataclass(frozen=True, slots=True)
-class Open:
+class Open(NamedTuple):
     """Open a channel in ``reservation``'s slot; ``trial`` is the breaker's permit, if any."""
 
     reservation: Reservation
     trial: Trial | None
 
 
-@final
-@dataclass(frozen=True, slots=True)
-class Wait:
+class Wait(NamedTuple):
     """Wait in line, then plan again with what is granted (keeping ``trial``)."""
 
     trial: Trial | None
 
 
-@final
-@dataclass(frozen=True, slots=True)
-class Refuse:
+class Refuse(NamedTuple):
     """The breaker turns the checkout away (counted): raise ``error``."""
 
     error: CircuitOpen
 
 
-@final
-@dataclass(frozen=True, slots=True)
-class Closed:
+class Closed(NamedTuple):
     """The pool is closing: raise `PoolClosed`."""
 
 
+# (Decisions are named tuples: one is made per checkout on the general path, and a
+# tuple is the cheapest immutable object to make.)
 Decision: TypeAlias = "Lend | Open | Wait | Refuse | Closed"
 CLOSED_DECISION = Closed()
+WAIT = Wait(None)
 
 
 class Departure(NamedTuple):
@@ -178,10 +170,10 @@ class Planner:
             return Open(reservation, trial), departures
         if held is None:
             if books.waiters:
-                return Wait(None), departures  # others are in line first
+                return WAIT, departures  # others are in line first
             held = books.take_idle() or books.reserve()
             if held is None:
-                return Wait(None), departures
+                return WAIT, departures
         while not isinstance(held, Reservation):
             reason = self.unfit(held, now)
             if reason is None:

@@ -16,6 +16,7 @@ it is delivered at the next checkpoint instead.
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 from collections.abc import Iterable
 from typing import Any, final
@@ -205,8 +206,11 @@ class Relay:
             books.leave_line(waiter)
             return trio.lowlevel.Abort.SUCCEEDED
 
-        with trio.move_on_at(deadline):
+        if deadline == math.inf:  # (no cancel scope to build: this is every wait in line)
             grant: Grant = await trio.lowlevel.wait_task_rescheduled(abort)
+            return grant
+        with trio.move_on_at(deadline):
+            grant = await trio.lowlevel.wait_task_rescheduled(abort)
             return grant
         self._stats.exhausted_total += 1
         raise PoolExhausted(self._name, self.config.max_connections, self.config.acquire_timeout)
@@ -216,7 +220,8 @@ class Relay:
             self._stats.zero_waits += 1
         else:
             self._stats.acquire_waits.observe(now - began)
-        self._upkeep.notice_change()
+        if self._keeps_spares:
+            self._upkeep.notice_change()
 
     async def _open(self, decision: Open) -> Channel:
         """Open a channel in the reserved slot; the slot is freed on any failure.
