@@ -855,9 +855,12 @@ async def test_a_connect_cut_short_by_the_pools_exit_is_pool_closed(
     async with sc.open_pool(ws_relay.url, ssl_context=client_context, shutdown_timeout=0.2) as pool:
         await nursery.start(check_out)
         await wait_until(lambda: ws_relay.upgrades == 1)
-    await wait_until(lambda: bool(outcome))
+        began = trio.current_time()
+    assert trio.current_time() - began < 1  # about shutdown_timeout, not connect_timeout
+    await wait_until(lambda: bool(outcome), within=1)
     assert isinstance(outcome[0], sc.PoolClosed)
     assert pool.status()["breaker"]["consecutive_failures"] == 0
+    assert reader_tasks() == []  # the upgrade's session task ended with the pool
 
 
 async def test_a_websocket_block_cancelled_mid_wait_discards_its_channel(
@@ -986,28 +989,6 @@ async def test_a_close_waits_for_the_relays_close_frame_then_closes_tls_cleanly(
         await wait_until(lambda: len(endings) == 3, within=1)
         assert endings == [1000, "waited", "close_notify"]  # its close frame, then TLS's
         assert closed_by(pool) == {"unanswered": 1}
-
-
-async def test_the_pools_exit_cuts_a_pending_upgrade_short(
-    nursery: trio.Nursery, ws_relay: WebSocketRelay, client_context: ssl.SSLContext
-) -> None:
-    ws_relay.mode = "hold"  # upgrades never answered
-    outcome: list[BaseException] = []
-
-    async def check_out(task_status: trio.TaskStatus[None]) -> None:
-        task_status.started()
-        with pytest.raises(sc.PoolClosed) as info:
-            async with pool.websocket():
-                pytest.fail("no channel was opened")
-        outcome.append(info.value)
-
-    async with sc.open_pool(ws_relay.url, ssl_context=client_context, shutdown_timeout=0.2) as pool:
-        await nursery.start(check_out)
-        await wait_until(lambda: ws_relay.upgrades == 1)
-        began = trio.current_time()
-    assert trio.current_time() - began < 1  # about shutdown_timeout, not connect_timeout
-    await wait_until(lambda: bool(outcome), within=1)
-    assert reader_tasks() == []
 
 
 class Sabotaged(trio.abc.Stream):
