@@ -1,4 +1,4 @@
-"""The planner: every decision about a relay's channels, made without I/O.
+"""The planner: every decision about a relay's channels, made without awaiting.
 
 What a checkout gets, whether a channel given back is kept, which spares to open and what
 a cleanup pass closes are decided here, in small synchronous methods over the books
@@ -6,7 +6,8 @@ a cleanup pass closes are decided here, in small synchronous methods over the bo
 synchronous step. Each method changes the books and returns what to do: a `Decision`, and
 the channels that left the books (`Departure`), for the relay to account for and close.
 The relay (`_relay`) only acts on them; nothing here awaits, so no decision can be
-interrupted half-way (and each is protected from Ctrl-C, as trio's locks are).
+interrupted half-way (and each is protected from Ctrl-C, as trio's locks are). Its only
+system call is the ``poll()`` that checks an idle channel is quiet before it is lent.
 
 A checkout is a short loop in the relay: ``plan()``; on `Wait`, wait in line and
 ``plan()`` again with what was granted (``held``); on `Open`, connect in the reserved
