@@ -132,6 +132,7 @@ class PlannerMachine(RuleBasedStateMachine):
         self.woken: list[Checkout] = []
         self.opening: list[tuple[Reservation, Trial | None, bool]] = []  # (.., is_spare)
         self.holding: list[Channel] = []
+        self.settling: list[Channel] = []  # spares reading what follows their handshake
         self.created: list[Channel] = []
         self.departed: set[Channel] = set()
 
@@ -264,12 +265,23 @@ class PlannerMachine(RuleBasedStateMachine):
             reservation.fill(channel)
         self.breaker.connected(self.now, trial)
         if self.books.closed:
-            self.depart([self.planner.retire_held(channel, "shutdown", graceful=True)])
-        elif spare:
-            departure = self.planner.check_in(channel, None, self.now, served=False)
+            departure = self.planner.retire_held(channel, "shutdown", graceful=True)
             self.depart([departure] if departure else [])
+        elif spare:
+            self.settling.append(channel)  # reads what follows its handshake, then pools
         else:
             self.holding.append(channel)
+
+    @precondition(lambda self: self.settling)
+    @rule(data=st.data(), settles=st.booleans())
+    def spare_settles(self, data: st.DataObject, settles: bool) -> None:
+        """A fresh spare is pooled, or fails (cancelled) while settling."""
+        channel = self.settling.pop(data.draw(st.integers(0, len(self.settling) - 1)))
+        if settles:
+            departure = self.planner.check_in(channel, None, self.now, served=False)
+        else:
+            departure = self.planner.retire_held(channel, "aborted", graceful=False)
+        self.depart([departure] if departure else [])
 
     @precondition(lambda self: self.opening)
     @rule()
@@ -381,7 +393,7 @@ class PlannerMachine(RuleBasedStateMachine):
     @invariant()
     def the_books_match_the_holders(self) -> None:
         granted = [c.granted for c in self.woken]
-        held = {ch for ch in self.holding if ch not in self.departed}
+        held = {ch for ch in [*self.holding, *self.settling] if ch not in self.departed}
         granted_channels = {g for g in granted if isinstance(g, FakeChannel)} - self.departed
         assert self.books.in_use == held | granted_channels
         unsettled = [r for r, *_ in self.opening] + [
@@ -601,3 +613,14 @@ class _Always:
 
     def draw(self, strategy: Any) -> int:
         return 0
+
+
+def test_a_spare_forced_out_by_the_shutdown_while_settling_leaves_once() -> None:
+    scenario = _Scenario()
+    scenario.keep_spares()  # min_idle lacks its spare
+    scenario.finish_open(_First(), "connected")  # it settles (reads its TLS tail) ...
+    scenario.shutdown(_Always())
+    scenario.shutdown_runs_out_of_time()  # ... when the shutdown forces it out
+    scenario.spare_settles(_First(), False)  # its settling is cancelled: nothing left to do
+    assert scenario.newly("departed: shutdown") == 1
+    assert not scenario.newly("departed: aborted")

@@ -235,9 +235,11 @@ class Planner:
         return Departure(channel, reason, graceful=True)
 
     @enable_ki_protection
-    def retire_held(self, channel: Channel, reason: str, *, graceful: bool) -> Departure:
+    def retire_held(self, channel: Channel, reason: str, *, graceful: bool) -> Departure | None:
         """A held channel leaves the books (a fresh one the pool closed under, a spare
-        that failed to settle)."""
+        that failed to settle); None if a shutdown out of time forced it out already."""
+        if channel not in self.books.in_use:
+            return None
         self.books.forget(channel)
         return Departure(channel, reason, graceful)
 

@@ -268,7 +268,8 @@ class Relay:
             }
         )
         if self._books.closed:
-            self._depart([self._planner.retire_held(channel, "shutdown", graceful=True)])
+            departure = self._planner.retire_held(channel, "shutdown", graceful=True)
+            self._depart([departure] if departure else ())
             raise PoolClosed(self._name)
         return channel
 
@@ -375,7 +376,8 @@ class Relay:
         try:
             await channel.absorb_handshake_tail()
         except BaseException:
-            self._depart([self._planner.retire_held(channel, "aborted", graceful=False)])
+            departure = self._planner.retire_held(channel, "aborted", graceful=False)
+            self._depart([departure] if departure else ())
             raise
         departure = self._planner.check_in(channel, None, trio.current_time(), served=False)
         if departure is not None:
