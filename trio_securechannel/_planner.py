@@ -111,6 +111,8 @@ class Planner:
             return None
         channel = books.idle[-1]
         max_lifetime = self._max_lifetime
+        # `unfit` and `Slots.take_idle`, inlined (this is every checkout): any reason at all
+        # sends the checkout to `plan`, which says which and retires the channel.
         if (
             channel.spent is not None
             or channel.has_pending_input()

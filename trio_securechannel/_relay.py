@@ -189,10 +189,7 @@ class Relay:
         grant, which it then owns.
         """
         if deadline <= trio.current_time():
-            self._stats.exhausted_total += 1
-            raise PoolExhausted(
-                self._name, self.config.max_connections, self.config.acquire_timeout
-            )
+            raise self._exhausted()
         books = self._books
         task = trio.lowlevel.current_task()
 
@@ -212,8 +209,12 @@ class Relay:
         with trio.move_on_at(deadline):
             grant = await trio.lowlevel.wait_task_rescheduled(abort)
             return grant
+        raise self._exhausted()
+
+    def _exhausted(self) -> PoolExhausted:
+        """Count a checkout that found no channel in time, and the error that says so."""
         self._stats.exhausted_total += 1
-        raise PoolExhausted(self._name, self.config.max_connections, self.config.acquire_timeout)
+        return PoolExhausted(self._name, self.config.max_connections, self.config.acquire_timeout)
 
     def _waited(self, began: float, now: float, deadline: float | None) -> None:
         if deadline is None:

@@ -125,7 +125,7 @@ class Slots:
 
     @property
     def full(self) -> bool:
-        return len(self.idle) + len(self.in_use) + self.opening >= self.max_connections
+        return self.total >= self.max_connections
 
     @enable_ki_protection
     def take_idle(self) -> Channel | None:

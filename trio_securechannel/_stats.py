@@ -105,14 +105,6 @@ class PoolStats:
             total.merge(window)
         return total
 
-    def round_trips_cumulative(self, live: Iterable[Channel]) -> Histogram:
-        total = Histogram()
-        total.merge(self.past_round_trips)
-        for channel in live:
-            for window in channel.round_trips.windows():
-                total.merge(window)
-        return total
-
     def round_trips_recent(self, live: Iterable[Channel]) -> Histogram:
         recent = Histogram()
         for channel in live:
