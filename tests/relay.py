@@ -10,6 +10,7 @@ import socket
 import ssl
 import struct
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, Literal
 
 import trio
@@ -35,9 +36,10 @@ class _TLSEchoServer:
         # Close a connection (with a TLS close_notify) after this long without a request,
         # as relays with an idle timeout do.
         self.idle_close_after = float("inf")
-        # Send TLS 1.3 session tickets as soon as the handshake completes, as OpenSSL-based
-        # servers do (trio holds them back until its first write).
-        self.tickets_right_away = False
+        # Send TLS 1.3 session tickets this many seconds after the handshake (a callable:
+        # drawn per connection), as OpenSSL-based servers do, on their own or under load;
+        # None: with the first reply (trio holds them back until its first write).
+        self.tickets_after: float | Callable[[], float] | None = None
         # Each open connection, with a lock so pushes and echoes take turns sending.
         self._tls_streams: dict[trio.SSLStream[Any], trio.Lock] = {}
         # How client connections ended: "close_notify" (a clean TLS close) or "ragged"
@@ -73,7 +75,9 @@ class _TLSEchoServer:
             if self.mode == "drop_after_handshake":
                 await trio.aclose_forcefully(stream)  # accepts, then serves nobody
                 return
-            if self.tickets_right_away and stream._delayed_outgoing:
+            if self.tickets_after is not None and stream._delayed_outgoing:
+                delay = self.tickets_after
+                await trio.sleep(delay() if callable(delay) else delay)
                 await stream.transport_stream.send_all(stream._delayed_outgoing)
                 stream._delayed_outgoing = None
             send_lock = self._tls_streams[stream] = trio.Lock()

@@ -18,6 +18,7 @@ import trio.testing
 import trio_securechannel as sc
 from trio_securechannel import BreakerState
 from trio_securechannel._breaker import CircuitBreaker
+from trio_securechannel._relay import SPARE_WATCH_MIN
 
 from conftest import make_server_context
 from helpers import books, echo, relay_of, wait_until
@@ -68,16 +69,16 @@ async def test_threshold_opens_and_rejects_until_cooldown_ends() -> None:
 async def test_a_handshake_clears_connect_failures_but_not_session_failures() -> None:
     breaker = make_breaker(threshold=3)
     fail_times(breaker, 2, now=0.0)  # connects refused
-    breaker.connected(1.0)  # then one succeeds: the relay is reachable again
+    breaker.connected()  # then one succeeds: the relay is reachable again
     assert breaker.consecutive_failures == 0
     breaker.failed(2.0, "io error", in_session=True)  # a session it accepted, then dropped
-    breaker.connected(3.0)
+    breaker.connected()
     assert breaker.consecutive_failures == 1  # handshakes do not vouch for sessions
     breaker.failed(4.0, "refused")
-    breaker.connected(5.0)  # ... but they do for connects
+    breaker.connected()  # ... but they do for connects
     assert breaker.consecutive_failures == 1
     breaker.failed(6.0, "io error", in_session=True)
-    breaker.connected(7.0)
+    breaker.connected()
     breaker.failed(8.0, "io error", in_session=True)
     assert breaker.state is OPEN
     breaker = make_breaker(threshold=3)
@@ -425,10 +426,13 @@ async def test_spares_stop_while_open_then_probe_and_refill(
         await trio.sleep_until(start + 60.99)
         assert len(memory_relay.connect_times) == 3  # silence for the whole cooldown
         memory_relay.mode = "echo"
-        await trio.sleep_until(start + 61.01)
-        # At 61 the spare keeper made one trial itself, which closed the breaker, and
-        # the second spare followed.
-        assert [t - start for t in memory_relay.connect_times][3:] == [61.0, 61.0]
+        await trio.sleep_until(start + 61.5)
+        # At 61 the spare keeper made one trial itself, which closed the breaker once the
+        # relay had left it alone for a moment, and the second spare followed.
+        assert [t - start for t in memory_relay.connect_times][3:] == [
+            61.0,
+            61.0 + SPARE_WATCH_MIN,
+        ]
         assert pool.breaker_state is CLOSED
         assert books(pool)["idle"] == 2
         assert pool.healthy
@@ -615,8 +619,9 @@ async def test_several_trials_and_retry_after(
             with pytest.raises(sc.CircuitOpen) as info:  # both permits are out
                 async with pool.connection():
                     pass
-            # The first trial decides at the latest when its connect_timeout ends.
-            assert info.value.retry_after == began + 8.0 - trio.current_time()
+            # The first trial decides at the latest when its trial_timeout ends: its
+            # connect (8 s), then its first reply (no request_timeout: 8 s more).
+            assert info.value.retry_after == began + 16.0 - trio.current_time()
         assert outcomes == ["trial failed"] * 2
         assert pool.breaker_state is OPEN  # the first failed trial reopened it
 
@@ -654,9 +659,10 @@ async def test_a_trial_waits_its_turn_when_every_slot_is_lent(
             async with pool.connection() as channel:  # the trial: waits 2 s for the slot
                 assert await echo(channel, b"trial") == b"trial"
         assert pool.breaker_state is CLOSED
-        # The held channel was not reused for the trial: a fresh one was opened.
-        assert books(pool)["closed_by_reason"] == {"trial": 1}
-        assert books(pool)["opened_total"] == 2
+        # The held channel, given back healthy, carried the trial: its reply closed the
+        # breaker, and no connect was needed.
+        assert books(pool)["closed_by_reason"] == {}
+        assert books(pool)["opened_total"] == 1
 
 
 async def test_a_spare_planned_before_the_opening_does_not_connect(
@@ -726,7 +732,9 @@ async def test_a_waiter_handed_a_channel_after_the_opening_gets_circuit_open(
         assert memory_relay.echoed_bytes == 4  # only A's "held" ever reached the relay
         assert books(pool)["idle"] == 1  # the channel went back, nothing leaked
         await trio.sleep(30.0)
-        async with pool.connection() as trial:  # after the cooldown: a fresh channel
-            assert trial is not held
+        async with pool.connection() as trial:  # after the cooldown: the trial
+            assert trial is held  # healthy and idle: its first reply decides
+            assert pool.breaker_state is BreakerState.HALF_OPEN
             assert await echo(trial, b"ok") == b"ok"
+            assert pool.breaker_state is CLOSED
         assert pool.breaker_state is CLOSED

@@ -9,6 +9,7 @@ import random
 import socket
 import ssl
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -283,27 +284,54 @@ async def test_relay_idle_timeout_detected_by_cleanup_pass(
         assert not pool.healthy  # the pool emptied: the flag resets
 
 
-async def test_spare_absorbs_session_tickets_sent_right_after_handshake(
+async def test_session_tickets_do_not_make_a_channel_look_stale(
     relay: Relay, client_context: ssl.SSLContext
 ) -> None:
-    # OpenSSL-based relays send TLS 1.3 session tickets about a round trip after the
-    # handshake. Nobody reads a spare, so the spare reads them itself before it is pooled;
-    # otherwise it would look, at checkout, like a channel whose relay spoke unasked.
-    relay.tickets_right_away = True
-    control = await open_channel(
+    # OpenSSL-based relays send TLS 1.3 session tickets after the handshake. Nobody reads
+    # an idle channel, so at checkout they wait on its socket: TLS housekeeping, not a
+    # message, and the channel is lent.
+    relay.tickets_after = 0.0
+    channel = await open_channel(
         Endpoint(*relay.target), client_context, PoolConfig(connect_timeout=5.0)
     )
-    await wait_until(control.has_pending_input)  # opened directly: nobody read its tickets
-    await control.aclose()
-    async with sc.open_pool(relay.target, ssl_context=client_context, min_idle=1) as pool:
-        await wait_until(lambda: books(pool)["idle"] == 1)
-        (spare,) = pool.channels()
-        assert not spare.has_pending_input()  # the tickets were read
-        async with pool.connection() as channel:
-            assert channel.ssl_stream.version() == "TLSv1.3"
-            assert await echo(channel, b"warm") == b"warm"
-        assert books(pool)["opened_total"] == 1  # the spare itself was lent
-        assert books(pool)["closed_total"] == 0
+    assert isinstance(channel, sc.SecureChannel)
+    try:
+        assert channel.ssl_stream.version() == "TLSv1.3"
+        fd = channel.ssl_stream.transport_stream.socket.fileno()
+        await trio.lowlevel.wait_readable(fd)  # the tickets came, unread
+        assert not channel.has_pending_input()
+        assert channel.reusable
+        assert await echo(channel, b"after the tickets") == b"after the tickets"
+    finally:
+        await channel.aclose()
+
+
+@pytest.mark.parametrize(
+    "tickets_after",
+    [lambda: random.uniform(0.03, 0.05), lambda: 0.2],
+    ids=["30-50ms, while a spare settles", "200ms, once spares are pooled"],
+)
+async def test_late_session_tickets_keep_spares_warm(
+    relay: Relay, client_context: ssl.SSLContext, tickets_after: Callable[[], float]
+) -> None:
+    relay.tickets_after = tickets_after
+    async with sc.open_pool(relay.target, ssl_context=client_context, min_idle=4) as pool:
+        await wait_until(lambda: books(pool)["idle"] == 4)
+        await trio.sleep(0.25)  # every relay's tickets have come by now
+        spares = set(pool.channels())
+        lent: list[sc.SecureChannel] = []
+
+        async def check_out_one() -> None:
+            async with pool.connection() as channel:
+                lent.append(channel)
+                assert await echo(channel, b"warm") == b"warm"
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(check_out_one)
+        # The four spares were lent, warm, as promised: no cold handshake at checkout.
+        assert set(lent) == spares
+        assert "stale" not in books(pool)["closed_by_reason"]
 
 
 async def test_block_ending_on_a_send_is_not_pooled(

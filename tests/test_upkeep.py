@@ -15,6 +15,7 @@ import trio
 import trio.testing
 
 import trio_securechannel as sc
+from trio_securechannel._relay import SPARE_WATCH_MIN as WATCH
 from trio_securechannel._upkeep import SPARE_CONCURRENCY
 
 from helpers import books, echo, relay_of
@@ -57,7 +58,8 @@ async def test_idle_channels_reaped_at_idle_timeout_keeping_min_idle(
     async with memory_pool(memory_relay, client_context, **options) as pool:
         await check_out_together(pool, 3)
         assert trio.current_time() == start  # in-memory handshakes take no virtual time
-        # With all 3 lent, a 4th was opened as the min_idle spare.
+        # With all 3 lent, a 4th was opened as the min_idle spare (pooled once watched).
+        await sleep_until_offset(start, WATCH + 0.01)
         assert books(pool)["idle"] == 4
         await sleep_until_offset(start, 29.99)
         assert books(pool)["idle"] == 4
@@ -98,7 +100,9 @@ async def test_spares_open_a_few_at_a_time_right_away(
     start = trio.current_time()
     async with memory_pool(memory_relay, client_context, **options) as pool:
         assert SPARE_CONCURRENCY == 4
-        for offset, idle in [(0.99, 0), (1.01, 4), (2.01, 8), (3.01, 10), (10.0, 10)]:
+        # Each batch: a second to connect, then watched a moment before it is pooled.
+        batches = [(0.99, 0), (1.01 + WATCH, 4), (2.01 + 2 * WATCH, 8), (3.01 + 3 * WATCH, 10)]
+        for offset, idle in [*batches, (10.0, 10)]:
             await sleep_until_offset(start, offset)
             assert books(pool)["idle"] == idle, f"at t={offset}"
         assert memory_relay.max_connecting == SPARE_CONCURRENCY
@@ -114,7 +118,7 @@ async def test_lost_spares_are_replaced_at_once_not_at_the_next_tick(
     options = {"min_idle": 2, "cleanup_interval": 60.0}
     start = trio.current_time()
     async with memory_pool(memory_relay, client_context, **options) as pool:
-        await sleep_until_offset(start, 1.01)
+        await sleep_until_offset(start, 1.01 + WATCH)
         assert books(pool)["idle"] == 2
         with pytest.raises(KeyError):
             async with pool.connection():
@@ -122,7 +126,7 @@ async def test_lost_spares_are_replaced_at_once_not_at_the_next_tick(
         lost_at = trio.current_time()
         await sleep_until_offset(lost_at, 0.99)
         assert books(pool)["opening"] == 1
-        await sleep_until_offset(lost_at, 1.01)
+        await sleep_until_offset(lost_at, 1.01 + WATCH)
         assert books(pool)["idle"] == 2
         assert books(pool)["opened_total"] == 3
 
@@ -142,7 +146,7 @@ async def test_failing_spares_back_off_exponentially_then_recover(
         assert pool.status()["errors_by_kind"] == {"tcp": 6}
         assert not pool.healthy
         memory_relay.mode = "echo"
-        await sleep_until_offset(start, 31.51)
+        await sleep_until_offset(start, 31.51 + WATCH)
         assert books(pool)["idle"] == 1  # the attempt at t=31.5 succeeded
         assert [t - start for t in memory_relay.connect_times][-1] == 31.5
         assert pool.healthy

@@ -105,7 +105,10 @@ class CircuitBreaker:
         self.failure_threshold = failure_threshold
         self.cooldown = cooldown
         self.half_open_trials = half_open_trials
-        self.trial_timeout = trial_timeout  # a trial is one connect: bounded by connect_timeout
+        # How long a trial has to decide (its connect, then its first reply): past it, an
+        # undecided trial counts as failed, so a trial lent to a hung relay cannot keep
+        # the breaker half-open (and everyone else refused) for ever.
+        self.trial_timeout = trial_timeout
         self._on_transition = on_transition
         self.state = CLOSED
         self.consecutive_failures = 0
@@ -162,6 +165,7 @@ class CircuitBreaker:
             return None
         trial = Trial(self._generation, now)
         self._trials.add(trial)
+        self._moved.unpark_all()  # the timer now has a trial to watch
         return trial
 
     def retry_after(self, now: float) -> float | None:
@@ -172,7 +176,7 @@ class CircuitBreaker:
             return max(0.0, self.open_until - now)
         if len(self._trials) < self.half_open_trials:
             return 0.0
-        # The earliest trial out will have decided within its connect_timeout.
+        # The earliest trial out will have decided within its trial_timeout.
         earliest = min(trial.started for trial in self._trials)
         return max(0.0, earliest + self.trial_timeout - now)
 
@@ -180,7 +184,8 @@ class CircuitBreaker:
 
     @enable_ki_protection
     def succeeded(self, now: float, trial: Trial | None = None) -> None:
-        """A checkout ended without an I/O error (or a trial's handshake completed)."""
+        """A checkout ended without an I/O error, or a trial's channel proved the relay
+        (its first reply; a spare that the relay left alone; a lease that ended well)."""
         if trial is not None:
             if self.holds(trial):
                 self._move(CLOSED, now, "trial succeeded")
@@ -189,12 +194,12 @@ class CircuitBreaker:
         # Open or half-open: only a trial's outcome decides, not a straggler's.
 
     @enable_ki_protection
-    def connected(self, now: float, trial: Trial | None = None) -> None:
-        """A handshake completed: a success for a trial, and for failures to connect."""
-        if trial is not None:
-            self.succeeded(now, trial)
-        elif self.state is CLOSED:
-            self.consecutive_failures = self.session_failures  # only connects are vouched for
+    def connected(self) -> None:
+        """A handshake completed: failures to connect are vouched for, not those of
+        channels in use. (Not a trial's outcome: a relay that completes every handshake
+        and then hangs up, or never answers, is not back; a trial's channel decides.)"""
+        if self.state is CLOSED:
+            self.consecutive_failures = self.session_failures
 
     @enable_ki_protection
     def failed(
@@ -260,9 +265,26 @@ class CircuitBreaker:
     # -- the breaker's task ---------------------------------------------------------------
 
     async def run(self) -> None:
-        """The breaker's task: end each cooldown on time, even with no checkout to notice."""
+        """The breaker's task: end each cooldown on time, even with no checkout to notice,
+        and fail a trial that has not decided within ``trial_timeout``."""
         while True:
-            with trio.move_on_at(self.open_until if self.state is OPEN else math.inf):
+            with trio.move_on_at(self._next_deadline()):
                 await self._moved.park()
                 continue
-            self.cooldown_elapsed(trio.current_time())
+            now = trio.current_time()
+            self.cooldown_elapsed(now)
+            self._expire_trials(now)
+
+    def _next_deadline(self) -> float:
+        if self.state is OPEN:
+            return self.open_until
+        if self.state is HALF_OPEN and self._trials:
+            return min(trial.started for trial in self._trials) + self.trial_timeout
+        return math.inf
+
+    @enable_ki_protection
+    def _expire_trials(self, now: float) -> None:
+        if self.state is HALF_OPEN and any(
+            now >= trial.started + self.trial_timeout for trial in self._trials
+        ):
+            self._open(now, f"trial undecided within {self.trial_timeout:g}s")

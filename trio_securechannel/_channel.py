@@ -9,19 +9,28 @@ carries WebSocket messages over one.
 from __future__ import annotations
 
 import abc
-import contextlib
 import itertools
+import math
 import select
 import statistics
 import warnings
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import Any, NoReturn, final
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, final
 
 import trio
 
 from ._endpoint import Endpoint
+from ._errors import RequestTimeout
 from ._latency import RotatingHistogram
+from ._tls_buffers import TlsBuffers
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+    from ._breaker import Trial
+
+T = TypeVar("T")
 
 _channel_ids = itertools.count(1)
 
@@ -47,6 +56,12 @@ class Channel(abc.ABC):
         unanswered: True when the last I/O was a send with no reply read since: such a
             channel is not pooled again when its block ends (the reply still on its way
             would reach the next user).
+        deadline: While lent under a time limit, the `trio.current_time` by which its
+            relay must have answered (`RequestTimeout` past it); ``math.inf`` otherwise.
+        request_timeout: That limit, in seconds from the checkout (set with
+            ``deadline``).
+        trial: The circuit breaker's trial permit this channel is proving, if any: its
+            first reply closes the breaker, its first failure reopens it.
     """
 
     def __init__(
@@ -55,12 +70,19 @@ class Channel(abc.ABC):
         endpoint: Endpoint,
         *,
         on_error: Callable[[Channel, str], None] | None = None,
+        on_trial_answered: Callable[[Channel], None] | None = None,
         handshake_seconds: float = 0.0,
+        tls_buffers: TlsBuffers | None = None,
     ) -> None:
         self._goodbye_started = False  # first, so __del__ works whatever happens next
         self._closed = False  # to its holder: aclose() was called, or the pool retired it
         self._stream = ssl_stream
         self._on_error = on_error  # told of each failure as it happens (the pool's breaker)
+        self._on_trial_answered = on_trial_answered  # and of a trial's first reply
+        self._tls_buffers = tls_buffers  # None: only what SSLObject.pending shows
+        self.deadline = math.inf
+        self.request_timeout: float | None = None
+        self.trial: Trial | None = None
         #: Why this channel may not be lent again ("error", "cancelled", "eof", "closed",
         #: "unexpected data", "slow", "stale"), or None while it may.
         self.spent: str | None = None
@@ -166,6 +188,15 @@ class Channel(abc.ABC):
             self.round_trips_total += 1
             self._awaiting_reply_since = None
             self.unanswered = False
+            if self.trial is not None and self._on_trial_answered is not None:
+                self._on_trial_answered(self)
+
+    async def _by_deadline(self, operation: Awaitable[T]) -> T:
+        """Await ``operation`` until `deadline`; past it, the relay has failed."""
+        with trio.move_on_at(self.deadline):
+            return await operation
+        self._fail("timeout")
+        raise RequestTimeout(str(self.endpoint), self.request_timeout or 0.0)
 
     def _unread_bytes(self) -> bool:
         """True if bytes (or end-of-file) wait in TLS or on the socket, unread."""
@@ -185,8 +216,9 @@ class Channel(abc.ABC):
         """True if the relay sent something (data, a close) that nobody has read."""
 
     @abc.abstractmethod
-    async def absorb_handshake_tail(self) -> None:
-        """Settle a fresh spare before it is pooled (see `SecureChannel`'s)."""
+    async def absorb_handshake_tail(self, window: float) -> None:
+        """Watch a fresh spare for ``window`` seconds before it is pooled (see
+        `SecureChannel`'s)."""
 
     def mark_closed(self) -> None:
         """Closed to whoever holds it, from now on: `closed` is True and its calls raise
@@ -240,7 +272,10 @@ class SecureChannel(Channel, trio.abc.Stream):
             await self._raise_closed()
         started = self._now()
         try:
-            await self._stream.send_all(data)
+            if self.deadline == math.inf:
+                await self._stream.send_all(data)
+            else:
+                await self._by_deadline(self._stream.send_all(data))
         except trio.BusyResourceError:
             raise  # the other sender's business; this stream is untouched
         except trio.BrokenResourceError:
@@ -257,7 +292,10 @@ class SecureChannel(Channel, trio.abc.Stream):
         if self._closed:
             await self._raise_closed()
         try:
-            await self._stream.wait_send_all_might_not_block()
+            if self.deadline == math.inf:
+                await self._stream.wait_send_all_might_not_block()
+            else:
+                await self._by_deadline(self._stream.wait_send_all_might_not_block())
         except trio.BrokenResourceError:
             self._fail("io")
             raise
@@ -270,7 +308,10 @@ class SecureChannel(Channel, trio.abc.Stream):
         if self._closed:
             await self._raise_closed()
         try:
-            data = await self._stream.receive_some(max_bytes)
+            if self.deadline == math.inf:
+                data = await self._stream.receive_some(max_bytes)
+            else:
+                data = await self._by_deadline(self._stream.receive_some(max_bytes))
         except trio.BusyResourceError:
             raise
         except trio.BrokenResourceError:
@@ -281,6 +322,8 @@ class SecureChannel(Channel, trio.abc.Stream):
             raise
         if data:
             self._received(len(data))
+        elif self.unanswered:
+            self._fail("dropped")  # the relay hung up on a request
         else:
             self._spend("eof")  # the peer closed its side
         return data
@@ -292,33 +335,44 @@ class SecureChannel(Channel, trio.abc.Stream):
     def has_pending_input(self) -> bool:
         """True if the peer sent something (data, end-of-file) that nobody has read.
 
-        Costs one ``poll()`` on the socket: cheap enough for every checkout. Streams not
-        backed by a socket (custom transports) report only what TLS has buffered.
+        Looks at every place bytes can wait: decrypted in TLS, still encrypted in TLS's
+        buffer (a record read off the socket behind the last reply), and on the socket.
+        When something waits there, it is settled (see `TlsBuffers.settle`): TLS session
+        tickets are processed and do not count. When nothing does, this costs one
+        ``poll()``: cheap enough for every checkout. Streams not backed by a socket
+        (custom transports) report only what TLS holds.
         """
         if self._closed or self._tls_pending():
             return True
+        buffers = self._tls_buffers
         if self._poller is not None:  # (`_unread_bytes`, inlined: this is every checkout)
             if self._socket.fileno() != self._polled_fd:
                 return True  # closed under us (the fd may already serve another socket)
-            return bool(self._poller.poll(0))
+            if not self._poller.poll(0) and (buffers is None or not buffers.buffered):
+                return False
+            return buffers is None or not buffers.settle(self._polled_fd)
+        if buffers is not None and buffers.buffered:
+            return not buffers.settle(None)
         return self._unread_bytes()
 
-    async def absorb_handshake_tail(self) -> None:
-        """Read what a TLS 1.3 server sends right after the handshake.
+    async def absorb_handshake_tail(self, window: float) -> None:
+        """Watch a fresh spare for ``window`` seconds before it is pooled.
 
-        Many servers send session tickets about a round trip after the handshake. A
-        channel's first reader consumes them unawares, but a spare nobody has read from
-        would look, at checkout, like a channel whose peer sent something unasked. So a
-        spare waits one handshake's worth of time (about that round trip) and reads
-        whatever comes: tickets are fine, application data or end-of-file make the
-        channel `spent`.
+        A relay whose service behind TLS is down (a TLS terminator whose backend is gone)
+        completes the handshake and hangs up at once: such a channel fails (``"dropped"``,
+        held against the relay). One that sends data unasked right away is spent
+        (``"unexpected data"``). TLS 1.3 session tickets that come meanwhile are read.
         """
-        if self._stream.version() != "TLSv1.3":
-            await trio.lowlevel.checkpoint()
-            return
-        with trio.move_on_after(self.handshake_seconds):
+        with trio.move_on_after(window):
             # The raw stream, not our receive_some: a cancelled read here is expected and
             # harmless (no handshake is running), so it must not mark the channel spent.
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await self._stream.receive_some()
-            self._spend("unexpected data")  # or end-of-file: nothing to pool
+            try:
+                data = await self._stream.receive_some()
+            except trio.BrokenResourceError:
+                data = b""  # a reset
+            except trio.ClosedResourceError:
+                return  # closed by the pool (its exit): no verdict
+            if data:
+                self._spend("unexpected data")
+            else:
+                self._fail("dropped")

@@ -51,6 +51,11 @@ class PoolConfig:
             waits for its pong.
         acquire_timeout: Seconds a checkout may wait for a channel when all are in use;
             0 fails at once with `PoolExhausted`, ``math.inf`` waits as long as it takes.
+        request_timeout: Seconds a lent channel's relay has, from the checkout, to answer
+            every call the block awaits (``pool.connection(timeout=...)`` overrides it per
+            checkout). Past it the waiting call raises `RequestTimeout`, the channel is
+            discarded and the relay is held responsible (an error of kind ``"timeout"``,
+            a failure for its breaker). None: no limit but your own.
         idle_timeout: Idle channels beyond ``min_idle`` are closed after this many seconds.
         max_lifetime: Channels older than this are closed when idle or given back
             (None: no limit).
@@ -86,6 +91,7 @@ class PoolConfig:
     min_idle: int = 0
     connect_timeout: float = 10.0
     acquire_timeout: float = 0.0
+    request_timeout: float | None = None
     idle_timeout: float = 300.0
     max_lifetime: float | None = None
     cleanup_interval: float = 5.0
@@ -118,26 +124,28 @@ class PoolConfig:
                 f"min_idle ({self.min_idle}) must not exceed max_connections"
                 f" ({self.max_connections})"
             )
-        _check_seconds("connect_timeout", self.connect_timeout, positive=True, finite=True)
-        _check_seconds("acquire_timeout", self.acquire_timeout)
-        _check_seconds("idle_timeout", self.idle_timeout, positive=True)
+        check_seconds("connect_timeout", self.connect_timeout, positive=True, finite=True)
+        check_seconds("acquire_timeout", self.acquire_timeout)
+        if self.request_timeout is not None:
+            check_seconds("request_timeout", self.request_timeout, positive=True)
+        check_seconds("idle_timeout", self.idle_timeout, positive=True)
         if self.max_lifetime is not None:
-            _check_seconds("max_lifetime", self.max_lifetime, positive=True)
-        _check_seconds("cleanup_interval", self.cleanup_interval, positive=True, finite=True)
-        _check_seconds("shutdown_timeout", self.shutdown_timeout, finite=True)
+            check_seconds("max_lifetime", self.max_lifetime, positive=True)
+        check_seconds("cleanup_interval", self.cleanup_interval, positive=True, finite=True)
+        check_seconds("shutdown_timeout", self.shutdown_timeout, finite=True)
         if self.open_transport is not None and not callable(self.open_transport):
             raise TypeError(f"open_transport must be callable, got {self.open_transport!r}")
         _check_int("breaker_failure_threshold", self.breaker_failure_threshold, minimum=1)
-        _check_seconds("breaker_cooldown", self.breaker_cooldown, finite=True)
+        check_seconds("breaker_cooldown", self.breaker_cooldown, finite=True)
         _check_int("breaker_half_open_trials", self.breaker_half_open_trials, minimum=1)
-        _check_seconds(
+        check_seconds(
             "histogram_rotation_interval",
             self.histogram_rotation_interval,
             positive=True,
             finite=True,
         )
         if self.max_latency_ms is not None:
-            _check_seconds(
+            check_seconds(
                 "max_latency_ms", self.max_latency_ms, positive=True, finite=True, unit="ms"
             )
         if self.metrics_port is not None:
@@ -188,6 +196,7 @@ class PoolOptions(TypedDict, total=False):
     min_idle: int
     connect_timeout: float
     acquire_timeout: float
+    request_timeout: float | None
     idle_timeout: float
     max_lifetime: float | None
     cleanup_interval: float
@@ -273,7 +282,7 @@ def _check_int(field: str, value: object, *, minimum: int) -> None:
         raise ValueError(f"{field} must be >= {minimum}, got {value}")
 
 
-def _check_seconds(
+def check_seconds(
     field: str,
     value: object,
     *,

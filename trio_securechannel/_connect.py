@@ -11,6 +11,7 @@ from __future__ import annotations
 import ssl
 import sys
 from collections.abc import Callable
+from typing import cast
 
 import trio
 
@@ -18,6 +19,8 @@ from ._channel import Channel, SecureChannel
 from ._config import PoolConfig
 from ._endpoint import Endpoint
 from ._errors import ConnectError
+from ._tls import check_client_context
+from ._tls_buffers import TlsBuffers
 from ._websocket import UpgradeFailed, WebSocketChannel, start_session
 
 if sys.version_info < (3, 11):
@@ -30,6 +33,7 @@ async def open_channel(
     config: PoolConfig,
     *,
     on_error: Callable[[Channel, str], None] | None = None,
+    on_trial_answered: Callable[[Channel], None] | None = None,
     nursery: trio.Nursery | None = None,
 ) -> Channel:
     """Connect to ``endpoint`` and complete a verified TLS handshake, within
@@ -44,10 +48,14 @@ async def open_channel(
         ConnectError: TCP, DNS, TLS or WebSocket upgrade failure, or ``connect_timeout``
             ran out.
         TypeError: ``open_transport`` returned something that is not a `trio.abc.Stream`.
+        ValueError: ``ssl_context`` is no longer safe (it was weakened after the pool
+            checked it): no connection is made with it.
     """
     if endpoint.is_websocket and nursery is None:
         raise RuntimeError("a WebSocket channel needs a nursery for its session's task")
+    _check_still_safe(ssl_context)
     name = str(endpoint)
+    tls_buffers = TlsBuffers(ssl_context)
     session = None
     try:
         # A handshake without a deadline hangs forever on a peer that never speaks TLS.
@@ -55,7 +63,9 @@ async def open_channel(
             transport = await _open_transport(endpoint, config)
             try:
                 handshake_began = trio.current_time()
-                ssl_stream = trio.SSLStream(transport, ssl_context, server_hostname=endpoint.host)
+                # (trio asks its context only for wrap_bio: the buffers pass it on.)
+                tls = cast("ssl.SSLContext", tls_buffers)
+                ssl_stream = trio.SSLStream(transport, tls, server_hostname=endpoint.host)
                 await _handshake(ssl_stream, name)
                 if nursery is not None and endpoint.is_websocket:
                     session = await start_session(nursery, ssl_stream, endpoint, config)
@@ -72,11 +82,33 @@ async def open_channel(
     handshake_seconds = trio.current_time() - handshake_began
     if session is not None:
         return WebSocketChannel(
-            ssl_stream, endpoint, session, on_error=on_error, handshake_seconds=handshake_seconds
+            ssl_stream,
+            endpoint,
+            session,
+            on_error=on_error,
+            on_trial_answered=on_trial_answered,
+            handshake_seconds=handshake_seconds,
         )
     return SecureChannel(
-        ssl_stream, endpoint, on_error=on_error, handshake_seconds=handshake_seconds
+        ssl_stream,
+        endpoint,
+        on_error=on_error,
+        on_trial_answered=on_trial_answered,
+        handshake_seconds=handshake_seconds,
+        tls_buffers=tls_buffers,
     )
+
+
+def _check_still_safe(ssl_context: ssl.SSLContext) -> None:
+    """The pool checked its context once; a context is mutable, so check before each use
+    (four attribute reads: nothing next to a handshake)."""
+    try:
+        check_client_context(ssl_context)
+    except ValueError as exc:
+        raise ValueError(
+            f"{exc} (the context was changed after the pool was opened; no connection"
+            " is made with it)"
+        ) from None
 
 
 async def _open_transport(endpoint: Endpoint, config: PoolConfig) -> trio.abc.Stream:

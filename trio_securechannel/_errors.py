@@ -92,3 +92,28 @@ class CircuitOpen(SecureChannelError):
             f"circuit breaker for {endpoint} is open after repeated failures;"
             f" retry in {retry_after:.3g}s"
         )
+
+
+@final
+class RequestTimeout(SecureChannelError, TimeoutError):
+    """A lent channel's relay did not answer within the checkout's time limit
+    (``request_timeout``, or the ``timeout`` given to the checkout).
+
+    Raised by the channel call that was waiting (a receive, a send the relay would not
+    take). The channel is discarded, and the relay is held responsible: counted once as an
+    error of kind ``"timeout"``, and as a failure by its circuit breaker. A cancellation of
+    your own (``trio.fail_after`` around the block) is not this: it blames nobody.
+
+    Attributes:
+        endpoint: The relay.
+        timeout: The limit, in seconds from the checkout.
+    """
+
+    def __init__(self, endpoint: str, timeout: float) -> None:
+        self._args = (endpoint, timeout)
+        self.endpoint = endpoint
+        self.timeout = timeout
+        super().__init__(
+            f"no reply from {endpoint} within the request timeout of {timeout:g}s"
+            " (counted against the relay; the channel was discarded)"
+        )

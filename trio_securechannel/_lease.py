@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from types import TracebackType
 from typing import Generic, TypeVar, final
 
@@ -17,7 +18,8 @@ ChannelT = TypeVar("ChannelT", bound=Channel)
 
 @final
 class Lease(Generic[ChannelT]):
-    """One checkout from ``router``'s relays, whose channels are all ``ChannelT``.
+    """One checkout from ``router``'s relays, whose channels are all ``ChannelT``, whose
+    relay must answer within ``timeout`` seconds of it (None: no limit).
 
     The block's own exception, if any, always leaves unchanged (never in a group).
     Entering and leaving are protected from Ctrl-C, as trio's `trio.Semaphore.acquire`
@@ -25,10 +27,11 @@ class Lease(Generic[ChannelT]):
     would leak a slot, so it waits for the next checkpoint instead.
     """
 
-    __slots__ = ("_channel", "_relay", "_router")
+    __slots__ = ("_channel", "_relay", "_router", "_timeout")
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, timeout: float | None) -> None:
         self._router = router
+        self._timeout = timeout
         self._relay: Relay | None = None
         self._channel: Channel | None = None
 
@@ -50,6 +53,12 @@ class Lease(Generic[ChannelT]):
                 channel = lent
                 await trio.lowlevel.cancel_shielded_checkpoint()
         self._relay, self._channel = relay, channel
+        timeout = self._timeout
+        if timeout is None:
+            channel.deadline = math.inf
+        else:
+            channel.deadline = trio.current_time() + timeout
+            channel.request_timeout = timeout
         return channel  # type: ignore[return-value]  # relays of its kind lend only those
 
     @enable_ki_protection

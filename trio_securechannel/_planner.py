@@ -158,32 +158,23 @@ class Planner:
                 elif held is not None:
                     books.give_back(held)  # to the next in line, who is refused in turn
                 return Refuse(breaker.refuse(now)), departures
-        if trial is not None:
-            # A trial runs on a fresh channel: a pooled one proves nothing about the relay.
-            if isinstance(held, Reservation):
-                return Open(held, trial), departures
-            if held is not None:
-                departures.append(Departure(held, "trial", graceful=True))
-                return Open(books.trade_for_slot(held), trial), departures
-            reservation, evicted = books.reserve_fresh()
-            if evicted is not None:
-                departures.append(Departure(evicted, "trial", graceful=False))
-            if reservation is None:
-                return Wait(trial), departures  # every slot is lent: wait like anyone
-            return Open(reservation, trial), departures
+        # A trial takes what anyone would: a healthy idle channel (whose first reply
+        # decides), else a fresh one. Opening a fresh one while idle channels hold the
+        # relay's (or its proxy's) connection limit would fail for that reason alone.
         if held is None:
-            if books.waiters:
+            if books.waiters and trial is None:
                 return WAIT, departures  # others are in line first
             held = books.take_idle() or books.reserve()
             if held is None:
-                return WAIT, departures
+                return (WAIT if trial is None else Wait(trial)), departures
         while not isinstance(held, Reservation):
             reason = self.unfit(held, now)
             if reason is None:
+                held.trial = trial
                 return Lend(held), departures
             departures.append(Departure(held, reason, graceful=False))
             held = books.swap_dead(held)
-        return Open(held, None), departures
+        return Open(held, trial), departures
 
     def unfit(self, channel: Channel, now: float) -> str | None:
         """Why an idle channel must not be lent (None: fit). One poll() when all is well.
@@ -208,7 +199,14 @@ class Planner:
         """A lease ended, normally (``exc`` None) or not, or a fresh spare settled
         (``served=False``): keep the channel (None), or take it off the books and say why."""
         books, breaker = self.books, self.breaker
-        if not served:
+        trial = channel.trial
+        if trial is not None:  # not decided by a reply or a failure: the lease decides
+            channel.trial = None
+            if (exc is None or not is_cancellation(exc)) and served_well(channel):
+                breaker.succeeded(now, trial)
+            else:
+                breaker.trial_abandoned(trial)  # nothing proven either way
+        elif not served:
             pass  # a spare: the handshake already told the breaker what it knows
         elif exc is None:
             if breaker.consecutive_failures and served_well(channel):
@@ -239,7 +237,11 @@ class Planner:
     @enable_ki_protection
     def retire_held(self, channel: Channel, reason: str, *, graceful: bool) -> Departure | None:
         """A held channel leaves the books (a fresh one the pool closed under, a spare
-        that failed to settle); None if a shutdown out of time forced it out already."""
+        that failed to settle); None if a shutdown out of time forced it out already.
+        A trial it carried proves nothing: its permit goes back."""
+        trial, channel.trial = channel.trial, None
+        if trial is not None:
+            self.breaker.trial_abandoned(trial)
         if channel not in self.books.in_use:
             return None
         self.books.forget(channel)
@@ -251,19 +253,17 @@ class Planner:
         return self._config.min_idle - len(self.books.idle) - opening_spares
 
     @enable_ki_protection
-    def plan_spares(
-        self, now: float, opening_spares: int, concurrency: int
-    ) -> tuple[list[Open], list[Departure]]:
+    def plan_spares(self, now: float, opening_spares: int, concurrency: int) -> list[Open]:
         """Slots for the spares ``min_idle`` lacks, at most ``concurrency`` opening at once.
 
         While the breaker is half-open, one spare may be its trial (finding out whether the
-        relay is back without waiting for traffic); while it is open, none.
+        relay is back without waiting for traffic), unless idle channels are there to
+        serve the next checkout as its trial; while it is open, none.
         """
         books, breaker = self.books, self.breaker
         opens: list[Open] = []
-        departures: list[Departure] = []
         if books.closed or books.waiters:
-            return opens, departures
+            return opens
         if breaker.state is _CLOSED_BREAKER:
             while (
                 self.spares_missing(opening_spares + len(opens)) > 0
@@ -273,17 +273,15 @@ class Planner:
                 if reservation is None:
                     break
                 opens.append(Open(reservation, None))
-        elif self.spares_missing(opening_spares) > 0 and not opening_spares:
+        elif self.spares_missing(opening_spares) > 0 and not opening_spares and not books.idle:
             trial = breaker.take_trial(now)
             if trial is not None:
-                reservation, evicted = books.reserve_fresh()
-                if evicted is not None:
-                    departures.append(Departure(evicted, "trial", graceful=False))
+                reservation = books.reserve()
                 if reservation is None:
                     breaker.trial_abandoned(trial)
                 else:
                     opens.append(Open(reservation, trial))
-        return opens, departures
+        return opens
 
     @enable_ki_protection
     def plan_cleanup(self, now: float) -> list[Departure]:

@@ -7,6 +7,7 @@ The pool is the front door: it parses and validates, owns the nursery, and lends
 
 from __future__ import annotations
 
+import math
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -18,7 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from ._breaker import BreakerEvent, BreakerState
 from ._channel import Channel, SecureChannel
-from ._config import PoolConfig, PoolOptions
+from ._config import PoolConfig, PoolOptions, check_seconds
 from ._endpoint import Endpoint, Target
 from ._events import EventBus, EventStream
 from ._lease import Lease
@@ -70,6 +71,9 @@ class SecureChannelPool:
         self._breaker_events = breaker_events
         self._events = events
         self._server = server
+        # Each checkout's time limit unless it gives its own (None: no limit).
+        request_timeout = config.request_timeout
+        self._request_timeout = None if request_timeout == math.inf else request_timeout
         # `connection()` chooses among the raw TLS relays, `websocket()` among the wss://
         # ones.
         streams = [relay for relay in self._relays if not relay.endpoint.is_websocket]
@@ -119,7 +123,9 @@ class SecureChannelPool:
         """
         return self._events.subscribe()
 
-    def connection(self) -> AbstractAsyncContextManager[SecureChannel]:
+    def connection(
+        self, *, timeout: float | None = None
+    ) -> AbstractAsyncContextManager[SecureChannel]:
         """Check a TLS stream channel out for the duration of an ``async with`` block.
 
         The warmest idle channel is reused (LIFO) after a one-``poll()`` liveness check,
@@ -128,21 +134,31 @@ class SecureChannelPool:
         pool; after an exception or a cancellation it is closed instead, and the exception
         leaves the block unchanged.
 
+        Args:
+            timeout: Seconds the relay has, from the checkout, to answer every call the
+                block awaits on the channel (`RequestTimeout` past it); None: the pool's
+                ``request_timeout``; ``math.inf``: no limit for this checkout.
+
         Raises:
             PoolExhausted: All ``max_connections`` are in use and none came free in time.
             ConnectError: A new channel was needed and could not be opened (on any relay).
             CircuitOpen: Every relay's breaker is open; nothing was attempted.
             PoolClosed: The pool is shutting down.
             TypeError: The pool has no raw TLS relays (only ``wss://`` ones).
+            ValueError: ``timeout`` is not a positive number of seconds.
         """
         if self._streams is None:
             raise TypeError(
                 f"{self!r} has only WebSocket (wss://) relays: check channels out with"
                 " pool.websocket()"
             )
-        return Lease(self._streams)  # (no Lease[...] here: that costs a µs)
+        if timeout is not None:
+            return Lease(self._streams, self._checkout_timeout(timeout))
+        return Lease(self._streams, self._request_timeout)  # (no Lease[...] here: a µs)
 
-    def websocket(self) -> AbstractAsyncContextManager[WebSocketChannel]:
+    def websocket(
+        self, *, timeout: float | None = None
+    ) -> AbstractAsyncContextManager[WebSocketChannel]:
         """Check a WebSocket channel out from the pool's ``wss://`` relays.
 
         As `connection`, with a `WebSocketChannel` (``send_message``, ``get_message``).
@@ -158,7 +174,15 @@ class SecureChannelPool:
                 f"{self!r} has no WebSocket (wss://) relays: check channels out with"
                 " pool.connection()"
             )
-        return Lease(self._websockets)
+        if timeout is not None:
+            return Lease(self._websockets, self._checkout_timeout(timeout))
+        return Lease(self._websockets, self._request_timeout)
+
+    @staticmethod
+    def _checkout_timeout(timeout: float) -> float | None:
+        """A checkout's own time limit (inf: none)."""
+        check_seconds("timeout", timeout, positive=True)
+        return None if timeout == math.inf else timeout
 
     @property
     def metrics_address(self) -> tuple[str, int] | None:

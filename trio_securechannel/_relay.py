@@ -42,6 +42,9 @@ from ._websocket import WebSocketChannel
 
 logger = logging.getLogger("trio_securechannel")
 
+#: The least time a fresh spare is watched before it is pooled (see `Relay.open_spare`).
+SPARE_WATCH_MIN = 0.05
+
 
 @final
 class Relay:
@@ -78,7 +81,9 @@ class Relay:
             failure_threshold=config.breaker_failure_threshold,
             cooldown=config.breaker_cooldown,
             half_open_trials=config.breaker_half_open_trials,
-            trial_timeout=config.connect_timeout,
+            # A trial's connect, then its first reply (inf: its lease decides, however long).
+            trial_timeout=config.connect_timeout
+            + (config.request_timeout or config.connect_timeout),
             on_transition=self._breaker_moved,
         )
         self._planner = Planner(self._books, self.breaker, config)
@@ -224,10 +229,11 @@ class Relay:
         if self._keeps_spares:
             self._upkeep.notice_change()
 
-    async def _open(self, decision: Open) -> Channel:
+    async def _open(self, decision: Open, *, watch: bool = False) -> Channel:
         """Open a channel in the reserved slot; the slot is freed on any failure.
 
-        The outcome is the breaker's to judge, before the caller sees it.
+        The outcome is the breaker's to judge, before the caller sees it. With ``watch``
+        (a spare), the channel is watched a moment before it fills its slot.
         """
         trial = decision.trial
         with decision.reservation as reservation:
@@ -240,6 +246,7 @@ class Relay:
                     self.ssl_context,
                     self.config,
                     on_error=self._channel_failed,
+                    on_trial_answered=self._trial_answered,
                     nursery=self._nursery,
                 )
             except ConnectError as exc:
@@ -256,8 +263,19 @@ class Relay:
                 if trial is not None:
                     self.breaker.trial_abandoned(trial)  # cancelled, or our own bug
                 raise
+            self.breaker.connected()
+            channel.trial = trial  # decided by what the relay does with it
+            self._opened(channel)
+            if watch:
+                await self._watch(channel)
             reservation.fill(channel)
-        self.breaker.connected(trio.current_time(), trial)
+        if self._books.closed:
+            departure = self._planner.retire_held(channel, "shutdown", graceful=True)
+            self._depart([departure] if departure else ())
+            raise PoolClosed(self._name)
+        return channel
+
+    def _opened(self, channel: Channel) -> None:
         self._stats.channel_opened(channel)
         logger.debug("opened %r", channel)
         self._events.publish(
@@ -268,11 +286,36 @@ class Relay:
                 "handshake_ms": _ms(channel.handshake_seconds),
             }
         )
-        if self._books.closed:
-            departure = self._planner.retire_held(channel, "shutdown", graceful=True)
-            self._depart([departure] if departure else ())
-            raise PoolClosed(self._name)
-        return channel
+
+    async def _watch(self, channel: Channel) -> None:
+        """Watch a fresh spare (still in its reserved slot) before it is pooled: long
+        enough to see a TLS terminator whose backend is gone hang up (it does so right
+        after the handshake), scaled to the relay's pace.
+
+        Raises:
+            ConnectError: The relay hung up (phase ``"dropped"``: a failure its breaker
+                has counted) or sent data unasked; the channel is closed.
+        """
+        window = min(
+            self.config.connect_timeout, max(SPARE_WATCH_MIN, 2 * channel.handshake_seconds)
+        )
+        try:
+            await channel.absorb_handshake_tail(window)
+        except BaseException:
+            self._leave_unpooled(channel, "aborted")
+            raise
+        if channel.spent is None:
+            return
+        self._leave_unpooled(channel, "error" if channel.errors else channel.spent)
+        what = "hung up" if channel.errors else "sent data unasked"
+        raise ConnectError(self._name, "dropped", f"the relay {what} right after the handshake")
+
+    def _leave_unpooled(self, channel: Channel, reason: str) -> None:
+        """A channel that never filled its slot leaves (a trial it carried proves nothing)."""
+        trial, channel.trial = channel.trial, None
+        if trial is not None:
+            self.breaker.trial_abandoned(trial)
+        self._depart([Departure(channel, reason, graceful=False)])
 
     def refuse(self, now: float) -> CircuitOpen:
         """Count a checkout the pool turns away here, and the error that says so."""
@@ -305,12 +348,22 @@ class Relay:
             self._learn_latency(channel)
 
     def _channel_failed(self, channel: Channel, kind: str) -> None:
-        """A lent channel hit an I/O error: the breaker hears of it before its user does."""
+        """A channel hit an I/O error, a request timeout, or was dropped by the relay:
+        the breaker hears of it before the channel's user does."""
         if self.learns_latency:
             # Choosing among relays, an error weighs as a round trip of connect_timeout
             # (before the breaker hears of it: opening, it forgets the estimate).
             self._observe_latency(self.config.connect_timeout)
-        self.breaker.failed(trio.current_time(), f"{kind} error on {channel!r}", in_session=True)
+        trial, channel.trial = channel.trial, None
+        self.breaker.failed(
+            trio.current_time(), f"{kind} error on {channel!r}", trial, in_session=True
+        )
+
+    def _trial_answered(self, channel: Channel) -> None:
+        """A trial's channel got its first reply: the relay is back."""
+        trial, channel.trial = channel.trial, None
+        if trial is not None:
+            self.breaker.succeeded(trio.current_time(), trial)
 
     def _learn_latency(self, channel: Channel) -> None:
         """Fold the round trips this lease made into the relay's estimate (once each)."""
@@ -364,22 +417,17 @@ class Relay:
 
     def plan_spares(self, opening_spares: int, concurrency: int) -> list[Open]:
         """Reserved slots for the spares ``min_idle`` lacks (see `Planner.plan_spares`)."""
-        opens, departures = self._planner.plan_spares(
-            trio.current_time(), opening_spares, concurrency
-        )
-        self._depart(departures)
-        return opens
+        return self._planner.plan_spares(trio.current_time(), opening_spares, concurrency)
 
     @enable_ki_protection
     async def open_spare(self, decision: Open) -> None:
-        """Open a spare in its reserved slot and pool it, once it is quiet."""
-        channel = await self._open(decision)
-        try:
-            await channel.absorb_handshake_tail()
-        except BaseException:
-            departure = self._planner.retire_held(channel, "aborted", graceful=False)
-            self._depart([departure] if departure else ())
-            raise
+        """Open a spare in its reserved slot, watch it a moment, and pool it.
+
+        Raises:
+            ConnectError: Also when the relay hung up right after the handshake (phase
+                ``"dropped"``; the breaker has counted it) or sent data unasked.
+        """
+        channel = await self._open(decision, watch=True)
         departure = self._planner.check_in(channel, None, trio.current_time(), served=False)
         if departure is not None:
             self._depart((departure,))
@@ -410,7 +458,10 @@ class Relay:
         self._events.publish({"type": "breaker", **event.as_dict()})
         if event.to_state is BreakerState.OPEN:
             self.latency_estimate = None  # when it is back, it is found out afresh
-        self._upkeep.notice_change()
+        if event.to_state is BreakerState.CLOSED:
+            self._upkeep.relay_is_back()
+        else:
+            self._upkeep.notice_change()
 
     # -- snapshot -------------------------------------------------------------------------
 

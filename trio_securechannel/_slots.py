@@ -145,18 +145,6 @@ class Slots:
         return Reservation(self)
 
     @enable_ki_protection
-    def reserve_fresh(self) -> tuple[Reservation | None, Channel | None]:
-        """A slot for a brand-new channel even if idle ones exist (a breaker trial).
-
-        When idle channels fill every slot, the longest-idle one is evicted to make room
-        and returned for the caller to close. None when every slot is lent out.
-        """
-        evicted = None
-        if not self.closed and self.full and self.idle:
-            evicted = self.idle.popleft()
-        return self.reserve(), evicted
-
-    @enable_ki_protection
     def enqueue(self, wake: Callable[[Grant], object]) -> Waiter:
         waiter = Waiter(wake)
         self.waiters.append(waiter)
@@ -207,13 +195,6 @@ class Slots:
             replacement = self.idle.pop()
             self.in_use.add(replacement)
             return replacement
-        self.opening += 1
-        return Reservation(self)
-
-    @enable_ki_protection
-    def trade_for_slot(self, channel: Channel) -> Reservation:
-        """Give up a held channel (the caller closes it) but keep its slot, to open anew."""
-        self.in_use.remove(channel)
         self.opening += 1
         return Reservation(self)
 

@@ -52,13 +52,24 @@ class Upkeep:
         if self._min_idle and self._wakeup and self._relay.spares_missing(self._opening_spares) > 0:
             self._wakeup.unpark_all()
 
+    def relay_is_back(self) -> None:
+        """The breaker closed: whatever spares failed before, open them now."""
+        self._forget_failures()
+        self.notice_change()
+
+    def _forget_failures(self) -> None:
+        self._spare_failures = 0
+        self._retry_spares_at = -float("inf")
+
     async def _keep_spares(self) -> None:
         relay = self._relay
         async with trio.open_nursery() as nursery:
             while True:
                 now = trio.current_time()
                 if relay.breaker.state is BreakerState.CLOSED and now < self._retry_spares_at:
-                    await trio.sleep_until(self._retry_spares_at)
+                    # Backing off; a relay that is back (`relay_is_back`) ends it early.
+                    with trio.move_on_at(self._retry_spares_at):
+                        await self._wakeup.park()
                     continue
                 # While spares fail, probe one at a time rather than a few at once.
                 concurrency = 1 if self._spare_failures else SPARE_CONCURRENCY
@@ -81,7 +92,7 @@ class Upkeep:
                 exc_info=not isinstance(exc, ConnectError),  # a bug: show where
             )  # fmt: skip
         else:
-            self._spare_failures = 0
+            self._forget_failures()
         finally:
             self._opening_spares -= 1
             self._wakeup.unpark_all()

@@ -10,6 +10,7 @@ breaks the protocol ends that one channel, never the pool.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, final
@@ -69,10 +70,15 @@ class WebSocketChannel(Channel):
         session: Session,
         *,
         on_error: Callable[[Channel, str], None] | None = None,
+        on_trial_answered: Callable[[Channel], None] | None = None,
         handshake_seconds: float = 0.0,
     ) -> None:
         super().__init__(
-            ssl_stream, endpoint, on_error=on_error, handshake_seconds=handshake_seconds
+            ssl_stream,
+            endpoint,
+            on_error=on_error,
+            on_trial_answered=on_trial_answered,
+            handshake_seconds=handshake_seconds,
         )
         self._session = session
         self._connection = session.connection
@@ -88,7 +94,10 @@ class WebSocketChannel(Channel):
             raise trio.ClosedResourceError("this channel was closed")
         started = trio.current_time()
         try:
-            await self._connection.send_message(message)
+            if self.deadline == math.inf:
+                await self._connection.send_message(message)
+            else:
+                await self._by_deadline(self._connection.send_message(message))
         except ConnectionClosed as exc:
             raise self._closed_error(exc) from exc
         except BaseException:
@@ -108,7 +117,10 @@ class WebSocketChannel(Channel):
             await trio.lowlevel.checkpoint()
             raise trio.ClosedResourceError("this channel was closed")
         try:
-            message = await self._connection.get_message()
+            if self.deadline == math.inf:
+                message = await self._connection.get_message()
+            else:
+                message = await self._by_deadline(self._connection.get_message())
         except ConnectionClosed as exc:
             raise self._closed_error(exc) from exc
         self._messages_taken += 1
@@ -179,9 +191,16 @@ class WebSocketChannel(Channel):
             or self._unread_bytes()
         )
 
-    async def absorb_handshake_tail(self) -> None:
-        """Nothing to do: the reader task already consumes what follows the handshake."""
-        await trio.lowlevel.checkpoint()
+    async def absorb_handshake_tail(self, window: float) -> None:
+        """Watch for ``window`` seconds: a relay that ends the session at once fails
+        (``"dropped"``); the reader task consumes everything else."""
+        await trio.sleep(window)
+        if self._closed:
+            return  # closed by the pool (its exit): no verdict
+        if self._session.reader_done or self._connection.closed is not None:
+            self._fail("dropped")
+        elif self.has_pending_input():
+            self._spend("unexpected data")
 
     async def _goodbye(self) -> None:
         """Close the WebSocket (code 1000), then TLS with a close_notify.
