@@ -141,10 +141,12 @@ class Relay:
         return channel
 
     @enable_ki_protection
-    async def checkout(self) -> Channel:
+    async def checkout(self, *, began: float | None = None) -> Channel:
         """Plan, act, and plan again until the checkout has a channel or an answer.
 
-        The caller has already checked for cancellation.
+        The caller has already checked for cancellation. A wait in line ends
+        ``acquire_timeout`` after ``began`` (default: now), so that waits at several
+        relays share one.
 
         Raises:
             PoolExhausted: No channel came free within ``acquire_timeout``.
@@ -155,7 +157,8 @@ class Relay:
         planner = self._planner
         held: Channel | Reservation | None = None
         trial = None
-        began = trio.current_time()
+        if began is None:
+            began = trio.current_time()
         deadline: float | None = None  # of the wait in line, once there is one
         while True:
             now = trio.current_time()

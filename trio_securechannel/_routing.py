@@ -49,8 +49,9 @@ class Router:
         there); then, in order of preference, relays that can serve at once (a warm
         channel, or room to open one) are tried before anyone waits in line, and a
         failure before anything was sent (no channel could be opened, the breaker opened
-        meanwhile) moves on to the next relay. Only when every relay is full does the
-        checkout wait, on the best one, for up to ``acquire_timeout``.
+        meanwhile) moves on to the next relay. When none served, the checkout waits its
+        turn at the full relays, best first, for up to ``acquire_timeout`` in all: a
+        relay that refuses never hides one that is only busy.
 
         Raises:
             CircuitOpen: Every relay's breaker is open (counted once, on the relay back
@@ -74,18 +75,27 @@ class Router:
         ranked = [relay for relay in pair if relay in candidates]
         ranked += sorted((r for r in candidates if r not in pair), key=lambda r: r.load)
         failures: list[ConnectError | CircuitOpen] = []
+        full: list[Relay] = []
         for relay in ranked:  # in order of preference, the first that serves at once
             channel = relay.try_lend()
             if channel is not None:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return relay, channel
-            if relay.has_room():
-                try:
-                    return relay, await relay.checkout()  # reuses or opens: no waiting
-                except (ConnectError, CircuitOpen) as exc:
-                    failures.append(exc)
-        if not failures:  # every relay is full: wait in line at the best one
-            return ranked[0], await ranked[0].checkout()
+            if not relay.has_room():
+                full.append(relay)
+                continue
+            try:
+                return relay, await relay.checkout()  # reuses or opens: no waiting
+            except (ConnectError, CircuitOpen) as exc:
+                failures.append(exc)
+        # Nothing served at once: wait in line at the full relays, best first, within
+        # one acquire_timeout in all. A wait that ends in a failed connect moves on too.
+        began = trio.current_time()
+        for relay in full:
+            try:
+                return relay, await relay.checkout(began=began)
+            except (ConnectError, CircuitOpen) as exc:
+                failures.append(exc)
         connect_errors = [exc for exc in failures if isinstance(exc, ConnectError)]
         if connect_errors:
             raise connect_errors[-1]
