@@ -16,7 +16,40 @@ from typing import Any, Literal
 import trio
 import trio.testing
 
-Mode = Literal["echo", "hangup", "silent", "refuse", "drop_after_handshake"]
+Mode = Literal["echo", "hangup", "silent", "refuse", "drop_after_handshake", "hang", "deaf"]
+
+
+class _Corkable(trio.abc.Stream):
+    """A transport whose sends can be held back and then sent as one write, so that two
+    TLS records (a reply and a push) leave in the same TCP segment."""
+
+    def __init__(self, transport: trio.abc.Stream) -> None:
+        self.transport = transport
+        self._held: bytearray | None = None
+
+    def cork(self) -> None:
+        self._held = bytearray()
+
+    async def uncork(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            await self.transport.send_all(held)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._held is not None:
+            self._held += data
+            await trio.lowlevel.checkpoint()
+        else:
+            await self.transport.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.transport.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
 
 
 class _TLSEchoServer:
@@ -33,6 +66,10 @@ class _TLSEchoServer:
         self.handshaking = 0
         self.max_handshaking = 0
         self.echoed_bytes = 0
+        self.requests = 0  # reads that returned data, in every mode that reads
+        # Sent unasked right behind each reply, in the same TCP segment, as Electrum
+        # servers push notifications.
+        self.push_behind_reply: bytes | None = None
         # Close a connection (with a TLS close_notify) after this long without a request,
         # as relays with an idle timeout do.
         self.idle_close_after = float("inf")
@@ -61,7 +98,8 @@ class _TLSEchoServer:
                     pass
                 self.endings["before_tls"] += 1
             return
-        stream = trio.SSLStream(transport, self.server_context, server_side=True)
+        corkable = _Corkable(transport)
+        stream = trio.SSLStream(corkable, self.server_context, server_side=True)
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         try:
@@ -75,6 +113,8 @@ class _TLSEchoServer:
             if self.mode == "drop_after_handshake":
                 await trio.aclose_forcefully(stream)  # accepts, then serves nobody
                 return
+            if self.mode == "deaf":
+                await trio.sleep_forever()  # completed TLS, reads nothing more
             if self.tickets_after is not None and stream._delayed_outgoing:
                 delay = self.tickets_after
                 await trio.sleep(delay() if callable(delay) else delay)
@@ -87,10 +127,19 @@ class _TLSEchoServer:
                     if not data:
                         self.endings["close_notify"] += 1
                         return
+                    self.requests += 1
+                    if self.mode == "hang":
+                        continue  # completed TLS, takes every request, answers none
                     if self.echo_delay:
                         await trio.sleep(self.echo_delay)
                     async with send_lock:
+                        push = self.push_behind_reply
+                        if push:
+                            corkable.cork()
                         await stream.send_all(data)
+                        if push:
+                            await stream.send_all(push)
+                            await corkable.uncork()
                     self.echoed_bytes += len(data)
                     continue
                 self.endings["relay_idle_close"] += 1

@@ -3,6 +3,7 @@ nginx terminating it. Each test is skipped, naming the program, where it is not 
 
 from __future__ import annotations
 
+import math
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -226,3 +227,106 @@ async def test_a_terminator_with_an_untrusted_certificate(
     assert isinstance(info.value.__cause__, ssl.SSLCertVerificationError)
     assert info.value.phase == "tls"
     assert echo_backend.accepts == 0  # nothing reached the backend
+
+
+# -- FAULTS rows 28, 30 and 31 against the real thing -----------------------------------------
+
+
+@requires("haproxy")
+async def test_behind_haproxy_maxconn_the_pool_recovers_within_one_cooldown(
+    relay: Relay, client_context: ssl.SSLContext, tmp_path: Path
+) -> None:
+    # HAProxy lets 2 connections through; the pool may open 8. A burst fills HAProxy, the
+    # rest of the connects time out and open the breaker; the 2 healthy channels then sit
+    # idle, holding HAProxy's 2 slots. A trial on a fresh connection could never get in.
+    options = {
+        "ssl_context": client_context,
+        "max_connections": 8,
+        "connect_timeout": 0.5,
+        "breaker_failure_threshold": 3,
+        "breaker_cooldown": 1.0,
+    }
+    outcomes: list[str] = []
+
+    async def one_of_the_burst() -> None:
+        try:
+            async with pool.connection() as channel:
+                assert await echo(channel, b"burst") == b"burst"
+                await trio.sleep(0.8)  # held past the others' connect_timeout
+            outcomes.append("served")
+        except (sc.ConnectError, sc.CircuitOpen) as exc:
+            outcomes.append(type(exc).__name__)
+
+    async with (
+        run_haproxy(relay.target, tmp_path=tmp_path, maxconn=2) as haproxy,
+        sc.open_pool(haproxy.target, **options) as pool,
+    ):
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(one_of_the_burst)
+        assert outcomes.count("served") == 2
+        assert pool.breaker_state is sc.BreakerState.OPEN
+        assert books(pool)["idle"] == 2
+        await trio.sleep(pool.status()["breaker"]["retry_after"])  # the cooldown ends
+        with trio.fail_after(1.0):  # recovered within one cooldown, not at idle_timeout
+            async with pool.connection() as channel:
+                assert await echo(channel, b"trial") == b"trial"
+        assert pool.breaker_state is sc.BreakerState.CLOSED
+        assert books(pool)["opened_total"] == 2  # the trial ran on a healthy idle channel
+
+
+@pytest.mark.parametrize("terminator", TERMINATORS)
+async def test_spares_stay_warm_though_the_terminator_sends_tickets_on_its_own(
+    terminator: Terminator,
+    echo_backend: EchoBackend,
+    client_context: ssl.SSLContext,
+    tmp_path: Path,
+) -> None:
+    async with (
+        terminator(echo_backend.target, tmp_path=tmp_path, cert=SERVER_CERT) as middlebox,
+        sc.open_pool(middlebox.target, ssl_context=client_context, min_idle=4) as pool,
+    ):
+        await wait_until(lambda: books(pool)["idle"] == 4)
+        await trio.sleep(0.2)  # the tickets have come, unread
+        spares = set(pool.channels())
+        lent: list[sc.SecureChannel] = []
+
+        async def check_out_one() -> None:
+            async with pool.connection() as channel:
+                lent.append(channel)
+                assert await echo(channel, b"warm") == b"warm"
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(check_out_one)
+        assert set(lent) == spares  # each checkout got a warm spare, none a cold handshake
+        assert "stale" not in books(pool)["closed_by_reason"]
+
+
+@pytest.mark.parametrize("terminator", TERMINATORS)
+async def test_a_terminator_whose_backend_is_down_is_not_hammered(
+    terminator: Terminator,
+    echo_backend: EchoBackend,
+    client_context: ssl.SSLContext,
+    tmp_path: Path,
+) -> None:
+    await echo_backend.stop()  # the terminator completes TLS, then hangs up
+    options = {
+        "ssl_context": client_context,
+        "min_idle": 5,
+        "breaker_failure_threshold": 3,
+        "breaker_cooldown": 0.5,
+    }
+    async with (
+        terminator(echo_backend.target, tmp_path=tmp_path, cert=SERVER_CERT) as middlebox,
+        sc.open_pool(middlebox.target, **options) as pool,
+    ):
+        began = trio.current_time()
+        await trio.sleep(2.5)
+        elapsed = trio.current_time() - began
+        status = pool.status()
+    # The threshold, the spares opened at once, then one trial per cooldown: never a storm.
+    bound = 3 + 5 + math.ceil(elapsed / 0.5)
+    assert status["connections"]["opened_total"] <= bound
+    assert status["breaker"]["opened_total"] >= 1
+    assert set(status["errors_by_kind"]) <= {"dropped", "tcp", "tls"}

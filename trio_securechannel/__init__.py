@@ -15,6 +15,7 @@ from ._errors import CircuitOpen as CircuitOpen
 from ._errors import ConnectError as ConnectError
 from ._errors import PoolClosed as PoolClosed
 from ._errors import PoolExhausted as PoolExhausted
+from ._errors import RequestTimeout as RequestTimeout
 from ._errors import SecureChannelError as SecureChannelError
 from ._events import EventStream as EventStream
 from ._pool import SecureChannelPool as SecureChannelPool
