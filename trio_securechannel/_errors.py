@@ -53,8 +53,10 @@ class ConnectError(SecureChannelError):
     Attributes:
         endpoint: The relay, as ``host:port`` (or its ``wss://`` URL).
         phase: Where it failed: ``"tcp"`` (connect, DNS), ``"tls"`` (handshake, certificate),
-            ``"websocket"`` (the upgrade of a ``wss://`` channel was refused or garbled)
-            or ``"timeout"`` (``connect_timeout`` ran out).
+            ``"websocket"`` (the upgrade of a ``wss://`` channel was refused or garbled),
+            ``"timeout"`` (``connect_timeout`` ran out) or ``"dropped"`` (the relay hung up,
+            or spoke unasked, right after the handshake: seen by the spare keeper, which
+            logs it, never by a checkout).
         reason: One line saying what went wrong.
     """
 
