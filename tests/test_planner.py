@@ -79,8 +79,8 @@ class FakeChannel:
     def reusable(self) -> bool:
         return self.spent is None
 
-    def has_pending_input(self) -> bool:
-        return self.pending
+    def settle(self) -> bool:
+        return not self.pending
 
     def recent_round_trip(self) -> float | None:
         return self.latency
@@ -519,11 +519,11 @@ async def test_the_books_change_in_steps_ctrl_c_cannot_split() -> None:
     books.enqueue(lambda grant: protected.append(trio.lowlevel.currently_ki_protected()))
     assert planner.check_in(cast(Channel, channel), None, 1.0) is None  # to the waiter
 
-    def has_pending_input() -> bool:
+    def settle() -> bool:
         protected.append(trio.lowlevel.currently_ki_protected())
-        return False
+        return True
 
-    channel.has_pending_input = has_pending_input  # type: ignore[method-assign]
+    channel.settle = settle  # type: ignore[method-assign]
     books.give_back(cast(Channel, channel))
     assert planner.lend_warm() is cast(Channel, channel)
     assert protected == [True, True]

@@ -299,6 +299,8 @@ async def test_session_tickets_do_not_make_a_channel_look_stale(
         assert channel.ssl_stream.version() == "TLSv1.3"
         fd = channel.ssl_stream.transport_stream.socket.fileno()
         await trio.lowlevel.wait_readable(fd)  # the tickets came, unread
+        assert channel.has_pending_input()  # something waits ...
+        assert channel.settle()  # ... but only TLS's own: read, and the channel is quiet
         assert not channel.has_pending_input()
         assert channel.reusable
         assert await echo(channel, b"after the tickets") == b"after the tickets"

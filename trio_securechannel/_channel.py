@@ -215,6 +215,15 @@ class Channel(abc.ABC):
     def has_pending_input(self) -> bool:
         """True if the relay sent something (data, a close) that nobody has read."""
 
+    def settle(self) -> bool:
+        """For the pool, on an idle channel: whether it is quiet, fit to lend.
+
+        Like ``not has_pending_input()``, except that what only TLS itself needed to read
+        (session tickets) is read here and does not count. Never call it on a channel in
+        use: it may read from the connection.
+        """
+        return not self.has_pending_input()
+
     @abc.abstractmethod
     async def absorb_handshake_tail(self, window: float) -> None:
         """Watch a fresh spare for ``window`` seconds before it is pooled (see
@@ -336,24 +345,37 @@ class SecureChannel(Channel, trio.abc.Stream):
         """True if the peer sent something (data, end-of-file) that nobody has read.
 
         Looks at every place bytes can wait: decrypted in TLS, still encrypted in TLS's
-        buffer (a record read off the socket behind the last reply), and on the socket.
-        When something waits there, it is settled (see `TlsBuffers.settle`): TLS session
-        tickets are processed and do not count. When nothing does, this costs one
-        ``poll()``: cheap enough for every checkout. Streams not backed by a socket
-        (custom transports) report only what TLS holds.
+        buffer (a record read off the socket behind the last reply), and on the socket,
+        with one ``poll()``. Streams not backed by a socket (custom transports) report
+        only what TLS holds. TLS 1.3 session tickets count too (see `settle`).
         """
         if self._closed or self._tls_pending():
             return True
         buffers = self._tls_buffers
+        if buffers is not None and buffers.buffered:
+            return True
+        return self._unread_bytes()
+
+    def settle(self) -> bool:
+        """For the pool, on an idle channel: whether it is quiet, fit to lend.
+
+        When bytes wait unread, they are settled (see `TlsBuffers.settle`): TLS session
+        tickets, which relays send whenever they like, are processed and do not count;
+        anything else does. When nothing waits, this costs one ``poll()``: cheap enough
+        for every checkout. Never call it on a channel in use: it reads the connection.
+        """
+        if self._closed or self._tls_pending():
+            return False
+        buffers = self._tls_buffers
         if self._poller is not None:  # (`_unread_bytes`, inlined: this is every checkout)
             if self._socket.fileno() != self._polled_fd:
-                return True  # closed under us (the fd may already serve another socket)
+                return False  # closed under us (the fd may already serve another socket)
             if not self._poller.poll(0) and (buffers is None or not buffers.buffered):
-                return False
-            return buffers is None or not buffers.settle(self._polled_fd)
+                return True
+            return buffers is not None and buffers.settle(self._polled_fd)
         if buffers is not None and buffers.buffered:
-            return not buffers.settle(None)
-        return self._unread_bytes()
+            return buffers.settle(None)
+        return not self._unread_bytes()
 
     async def absorb_handshake_tail(self, window: float) -> None:
         """Watch a fresh spare for ``window`` seconds before it is pooled.

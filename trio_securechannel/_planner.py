@@ -115,7 +115,7 @@ class Planner:
         # sends the checkout to `plan`, which says which and retires the channel.
         if (
             channel.spent is not None
-            or channel.has_pending_input()
+            or not channel.settle()
             or (max_lifetime is not None and self._clock() - channel.opened_at >= max_lifetime)
         ):
             return None
@@ -188,7 +188,7 @@ class Planner:
             return "lifetime"
         if channel.spent is not None:
             return channel.spent  # e.g. closed by a user who kept a reference
-        return "stale" if channel.has_pending_input() else None
+        return None if channel.settle() else "stale"
 
     # -- give-back ------------------------------------------------------------------------
 
