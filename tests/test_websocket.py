@@ -1038,3 +1038,22 @@ async def test_a_reader_that_crashes_ends_its_channel_not_the_pool(
     failures = [r for r in caplog.records if "reader for" in r.getMessage()]
     assert [r.levelno for r in failures] == [logging.WARNING]
     assert "ValueError('a bug under the reader')" in failures[0].getMessage()
+
+
+async def test_a_websocket_relay_that_never_answers_times_out_and_is_held_responsible(
+    ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+) -> None:
+    ws_relay.mode = "ignore"
+    async with sc.open_pool(ws_relay.url, ssl_context=client_context) as pool:
+        began = trio.current_time()
+        with pytest.raises(sc.RequestTimeout) as info:
+            async with pool.websocket(timeout=0.2) as channel:
+                await channel.send_message("blockchain.headers.subscribe")
+                await channel.get_message()
+        assert 0.2 <= trio.current_time() - began < 1.0
+        assert info.value.endpoint == ws_relay.url
+        assert channel.closed
+        status = pool.status()
+    assert status["errors_by_kind"] == {"timeout": 1}
+    assert status["breaker"]["consecutive_failures"] == 1
+    assert status["connections"]["closed_by_reason"] == {"error": 1}

@@ -27,7 +27,7 @@ from trio_websocket import (
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Message, Request
 
-WSMode = Literal["echo", "refuse", "hold", "close_on_message"]
+WSMode = Literal["echo", "refuse", "hold", "close_on_message", "ignore"]
 
 
 class WebSocketRelay:
@@ -86,6 +86,8 @@ class WebSocketRelay:
                 if self.mode == "close_on_message":
                     await session.aclose(1011, "overloaded")
                     return
+                if self.mode == "ignore":
+                    continue  # upgraded, takes every message, answers none
                 if self.echo_delay:
                     await trio.sleep(self.echo_delay)
                 await session.send_message(message)
