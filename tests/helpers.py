@@ -32,11 +32,20 @@ async def assert_all_slots_free(pool: sc.SecureChannelPool) -> None:
         release = trio.Event()
 
         async def hold() -> None:
-            async with pool.connection() as channel:
-                await channel.send_all(b"ping")
-                assert await channel.receive_some() == b"ping"
-                held.release()
-                await release.wait()
+            while True:
+                try:
+                    async with pool.connection() as channel:
+                        await channel.send_all(b"ping")
+                        assert await channel.receive_some() == b"ping"
+                        held.release()
+                        await release.wait()
+                    return
+                except sc.PoolExhausted:
+                    # A spare the keeper is opening holds the slot (with acquire_timeout=0
+                    # a checkout does not wait for it): taken, not leaked.
+                    if not books(pool)["opening"]:
+                        raise
+                    await trio.sleep(0.01)
 
         for _ in range(pool.config.max_connections):
             nursery.start_soon(hold)

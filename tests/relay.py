@@ -16,7 +16,9 @@ from typing import Any, Literal
 import trio
 import trio.testing
 
-Mode = Literal["echo", "hangup", "silent", "refuse", "drop_after_handshake", "hang", "deaf"]
+Mode = Literal[
+    "echo", "hangup", "silent", "refuse", "drop_after_handshake", "hang", "deaf", "greet"
+]
 
 
 class _Corkable(trio.abc.Stream):
@@ -30,10 +32,17 @@ class _Corkable(trio.abc.Stream):
     def cork(self) -> None:
         self._held = bytearray()
 
-    async def uncork(self) -> None:
+    async def uncork(self, *, hold_back: int = 0, delay: float = 0.0) -> None:
+        """Send what was held as one write; or all but its last ``hold_back`` bytes, and
+        those ``delay`` seconds later (a record split across TCP segments)."""
         held, self._held = self._held, None
-        if held:
-            await self.transport.send_all(held)
+        if not held:
+            return
+        if hold_back:
+            await self.transport.send_all(held[:-hold_back])
+            await trio.sleep(delay)
+            held = held[-hold_back:]
+        await self.transport.send_all(held)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._held is not None:
@@ -70,6 +79,8 @@ class _TLSEchoServer:
         # Sent unasked right behind each reply, in the same TCP segment, as Electrum
         # servers push notifications.
         self.push_behind_reply: bytes | None = None
+        # The push's last 20 bytes follow this much later (half a record waits meanwhile).
+        self.push_split_after: float | None = None
         # Close a connection (with a TLS close_notify) after this long without a request,
         # as relays with an idle timeout do.
         self.idle_close_after = float("inf")
@@ -115,6 +126,8 @@ class _TLSEchoServer:
                 return
             if self.mode == "deaf":
                 await trio.sleep_forever()  # completed TLS, reads nothing more
+            if self.mode == "greet":
+                await stream.send_all(b"220 relay ready\r\n")  # speaks first, then echoes
             if self.tickets_after is not None and stream._delayed_outgoing:
                 delay = self.tickets_after
                 await trio.sleep(delay() if callable(delay) else delay)
@@ -139,7 +152,10 @@ class _TLSEchoServer:
                         await stream.send_all(data)
                         if push:
                             await stream.send_all(push)
-                            await corkable.uncork()
+                            split = self.push_split_after
+                            await corkable.uncork(
+                                hold_back=20 if split is not None else 0, delay=split or 0.0
+                            )
                     self.echoed_bytes += len(data)
                     continue
                 self.endings["relay_idle_close"] += 1

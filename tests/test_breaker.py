@@ -619,8 +619,8 @@ async def test_several_trials_and_retry_after(
             with pytest.raises(sc.CircuitOpen) as info:  # both permits are out
                 async with pool.connection():
                     pass
-            # The first trial decides at the latest when its trial_timeout ends: its
-            # connect (8 s), then its first reply (no request_timeout: 8 s more).
+            # The first trial decides, or gives its permit back, by the end of its permit:
+            # its connect (8 s) with as long again to spare.
             assert info.value.retry_after == began + 16.0 - trio.current_time()
         assert outcomes == ["trial failed"] * 2
         assert pool.breaker_state is OPEN  # the first failed trial reopened it
@@ -737,4 +737,52 @@ async def test_a_waiter_handed_a_channel_after_the_opening_gets_circuit_open(
             assert pool.breaker_state is BreakerState.HALF_OPEN
             assert await echo(trial, b"ok") == b"ok"
             assert pool.breaker_state is CLOSED
+        assert pool.breaker_state is CLOSED
+
+
+async def test_a_trial_waiting_in_line_is_no_failure_of_the_relay(
+    autojump_clock: trio.testing.MockClock,
+    memory_relay: MemoryRelay,
+    client_context: ssl.SSLContext,
+) -> None:
+    options = {
+        "max_connections": 1,
+        "acquire_timeout": 60.0,
+        "connect_timeout": 5.0,
+        "breaker_failure_threshold": 1,
+        "breaker_cooldown": 10.0,
+    }
+    async with memory_pool(memory_relay, client_context, **options) as pool:
+
+        async def long_lease(task_status: trio.TaskStatus[None]) -> None:
+            async with pool.connection() as channel:
+                assert await echo(channel, b"a") == b"a"
+                task_status.started()
+                await trio.sleep(40.0)  # a long, healthy lease (a subscription)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(long_lease)
+            relay_of(pool).breaker.failed(trio.current_time(), "a failure elsewhere")
+            await trio.sleep(10.0)  # half-open
+            async with pool.connection() as channel:  # the trial waits 30 s for the slot
+                assert await echo(channel, b"trial") == b"trial"
+        status = pool.status()
+    # Its permit ran out while it waited (another checkout could have tried); the relay
+    # was never tried meanwhile, so nothing reopened the breaker; its reply closed it.
+    assert status["breaker"]["opened_total"] == 1
+    assert status["breaker"]["state"] == "closed"
+
+
+async def test_a_trial_answered_within_its_own_time_limit_closes_the_breaker(
+    autojump_clock: trio.testing.MockClock,
+    memory_relay: MemoryRelay,
+    client_context: ssl.SSLContext,
+) -> None:
+    options = {"connect_timeout": 5.0, "breaker_failure_threshold": 1, "breaker_cooldown": 10.0}
+    async with memory_pool(memory_relay, client_context, **options) as pool:
+        relay_of(pool).breaker.failed(trio.current_time(), "a failure elsewhere")
+        await trio.sleep(10.0)
+        memory_relay.echo_delay = 15.0  # slow, but well within the checkout's 60 s
+        async with pool.connection(timeout=60.0) as channel:
+            assert await echo(channel, b"slow") == b"slow"
         assert pool.breaker_state is CLOSED

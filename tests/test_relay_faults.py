@@ -275,9 +275,36 @@ async def test_a_message_pushed_behind_a_reply_never_reaches_the_next_caller(
             payload = b"request %d" % number
             async with pool.connection() as channel:
                 assert await echo(channel, payload) == payload  # its own reply, exactly
-        # Each channel had the push waiting in TLS's buffer, not on the socket: found at
-        # the next checkout every time.
+            if number == 0:
+                await trio.sleep(0.05)
+                # The push was read off the socket with the reply: it waits in TLS's
+                # buffer, where the socket no longer shows it.
+                assert channel._tls_incoming is not None
+                assert channel._tls_incoming.pending > 0
+                assert not channel.ssl_stream.transport_stream.socket.is_readable()
+        # Found at the next checkout every time.
         assert books(pool)["closed_by_reason"] == {"stale": 19}
+
+
+async def test_a_channel_whose_pushed_record_is_half_there_is_not_lent_again(
+    relay: Relay, client_context: ssl.SSLContext
+) -> None:
+    # The push's record is split across TCP segments: half of it waits when the next
+    # checkout looks, the rest comes later. That channel must never be lent again (its
+    # TLS stream lost the half the checkout read), not even by a second look.
+    relay.push_behind_reply = b"PUSH" * 50
+    relay.push_split_after = 0.3
+    async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
+        async with pool.connection() as first:
+            assert await echo(first, b"one") == b"one"
+        await trio.sleep(0.05)
+        async with pool.connection() as second:
+            assert second is not first
+            relay.push_behind_reply = None
+            assert await echo(second, b"two") == b"two"
+        status = pool.status()
+    assert status["connections"]["closed_by_reason"] == {"stale": 1}
+    assert status["errors_total"] == 0
 
 
 # -- the client context, checked at every connect ---------------------------------------------
@@ -310,3 +337,53 @@ async def test_a_context_weakened_after_open_is_refused_at_the_next_connect(
         status = pool.status()
         assert status["connections"]["opening"] == status["connections"]["in_use"] == 0
         assert status["breaker"]["consecutive_failures"] == 0  # not the relay's fault
+
+
+# -- trials that prove nothing, and relays that speak first -----------------------------------
+
+
+async def test_a_quiet_spare_does_not_prove_a_relay_that_never_answers(
+    relay: Relay, client_context: ssl.SSLContext
+) -> None:
+    relay.mode = "hang"
+    options: dict[str, Any] = {
+        "ssl_context": client_context,
+        "request_timeout": 0.1,
+        "breaker_failure_threshold": 1,
+        "breaker_cooldown": 0.3,
+        "min_idle": 1,
+    }
+    async with sc.open_pool(relay.target, **options) as pool:
+        await wait_until(lambda: books(pool)["idle"] == 1)
+        with pytest.raises(sc.RequestTimeout):
+            async with pool.connection() as channel:
+                await echo(channel, b"ping")
+        assert pool.breaker_state is sc.BreakerState.OPEN
+        await relay_of(pool).close_idle("test")  # no idle channel to carry the trial
+        await trio.sleep(0.6)  # the cooldown is over: the spare keeper makes no trial
+        assert pool.status()["breaker"]["state"] == "half_open"
+        handshakes = relay.handshakes
+        with pytest.raises(sc.RequestTimeout):  # a checkout is the trial: no reply,
+            async with pool.connection() as channel:
+                await echo(channel, b"ping")
+        assert pool.status()["breaker"]["state"] == "open"  # ... so it reopens
+        assert relay.handshakes == handshakes + 1
+
+
+async def test_a_relay_that_speaks_first_is_not_hammered_while_half_open(
+    relay: Relay, client_context: ssl.SSLContext
+) -> None:
+    # A relay with a banner right after TLS: every spare is spent ("unexpected data"),
+    # so a spare never proves it; the spare keeper backs off in every breaker state.
+    relay.mode = "refuse"
+    options: dict[str, Any] = {
+        "ssl_context": client_context,
+        "min_idle": 1,
+        "breaker_failure_threshold": 2,
+        "breaker_cooldown": 0.5,
+    }
+    async with sc.open_pool(relay.target, **options) as pool:
+        await wait_until(lambda: pool.breaker_state is sc.BreakerState.OPEN)
+        relay.mode = "greet"
+        await trio.sleep(2.0)
+    assert relay.handshakes <= 5  # backing off 0.5 s, 1 s, 2 s ...: before, hundreds

@@ -221,3 +221,21 @@ async def test_a_bug_in_the_transport_comes_out_as_itself_and_spares_survive(
     spare_logs = [r for r in caplog.records if "could not open a spare" in r.getMessage()]
     assert len(spare_logs) > 3
     assert all(r.exc_info is not None for r in spare_logs)  # a bug: with its traceback
+
+
+async def test_a_relay_down_for_a_thousand_cooldowns_does_not_end_the_pool(
+    autojump_clock: trio.testing.MockClock,
+    memory_relay: MemoryRelay,
+    client_context: ssl.SSLContext,
+) -> None:
+    # Each failed spare trial doubles the backoff's exponent: past 1,024 of them, 2**n
+    # no longer fits a float (it raised OverflowError, out of the pool's nursery).
+    memory_relay.mode = "refuse"
+    options = {"min_idle": 1, "breaker_failure_threshold": 1, "breaker_cooldown": 1.0}
+    async with memory_pool(memory_relay, client_context, **options) as pool:
+        await trio.sleep(1200.0)
+        attempts = len(memory_relay.connect_times)
+        memory_relay.mode = "echo"
+        await trio.sleep(31.0)  # the next trial comes within the longest backoff
+        assert pool.breaker_state is sc.BreakerState.CLOSED
+    assert 1200.0 / 30.0 <= attempts <= 1200.0 / 0.5  # backed off, never given up

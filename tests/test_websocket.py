@@ -1048,8 +1048,7 @@ async def test_a_websocket_relay_that_never_answers_times_out_and_is_held_respon
         began = trio.current_time()
         with pytest.raises(sc.RequestTimeout) as info:
             async with pool.websocket(timeout=0.2) as channel:
-                await channel.send_message("blockchain.headers.subscribe")
-                await channel.get_message()
+                await ask(channel, "blockchain.headers.subscribe")
         assert 0.2 <= trio.current_time() - began < 1.0
         assert info.value.endpoint == ws_relay.url
         assert channel.closed
@@ -1057,3 +1056,8 @@ async def test_a_websocket_relay_that_never_answers_times_out_and_is_held_respon
     assert status["errors_by_kind"] == {"timeout": 1}
     assert status["breaker"]["consecutive_failures"] == 1
     assert status["connections"]["closed_by_reason"] == {"error": 1}
+
+
+async def ask(channel: sc.WebSocketChannel, message: str) -> str | bytes:
+    await channel.send_message(message)
+    return await channel.get_message()

@@ -78,13 +78,18 @@ class BreakerEvent:
 
 @final
 class Trial:
-    """A permit to make one trial checkout while the breaker is half-open."""
+    """A permit to make one trial checkout while the breaker is half-open.
 
-    __slots__ = ("generation", "started")
+    Attributes:
+        expires_at: When the permit goes back if nothing has decided (see
+            `CircuitBreaker.trial_timeout`).
+    """
 
-    def __init__(self, generation: int, started: float) -> None:
+    __slots__ = ("expires_at", "generation")
+
+    def __init__(self, generation: int, expires_at: float) -> None:
         self.generation = generation
-        self.started = started
+        self.expires_at = expires_at
 
 
 @final
@@ -105,9 +110,10 @@ class CircuitBreaker:
         self.failure_threshold = failure_threshold
         self.cooldown = cooldown
         self.half_open_trials = half_open_trials
-        # How long a trial has to decide (its connect, then its first reply): past it, an
-        # undecided trial counts as failed, so a trial lent to a hung relay cannot keep
-        # the breaker half-open (and everyone else refused) for ever.
+        # How long a trial permit is good for, unless extended (`extend_trial`, for a
+        # lease with a time limit): past it, an undecided trial gives its permit back (it
+        # proved nothing; a time limit of its own would have failed it), so a trial lent
+        # to a hung relay cannot keep the breaker half-open for ever.
         self.trial_timeout = trial_timeout
         self._on_transition = on_transition
         self.state = CLOSED
@@ -120,6 +126,10 @@ class CircuitBreaker:
         self.rejected_total = 0
         self.transitions: Counter[BreakerState] = Counter()  # by the state entered
         self.open_until = -math.inf
+        # The breaker opened on a failure of a channel in use (an I/O error, a hang-up, a
+        # request timeout): only a reply proves such a relay back, never a handshake or a
+        # quiet spare.
+        self.trial_needs_reply = False
         self._trials: set[Trial] = set()  # permits out in the current half-open period
         self._generation = 0  # a new one each half-open period, so stale permits count for nothing
         self._moved = trio.lowlevel.ParkingLot()  # wakes the timer task on every transition
@@ -163,7 +173,7 @@ class CircuitBreaker:
         self.cooldown_elapsed(now)
         if self.state is not HALF_OPEN or len(self._trials) >= self.half_open_trials:
             return None
-        trial = Trial(self._generation, now)
+        trial = Trial(self._generation, now + self.trial_timeout)
         self._trials.add(trial)
         self._moved.unpark_all()  # the timer now has a trial to watch
         return trial
@@ -176,9 +186,8 @@ class CircuitBreaker:
             return max(0.0, self.open_until - now)
         if len(self._trials) < self.half_open_trials:
             return 0.0
-        # The earliest trial out will have decided within its trial_timeout.
-        earliest = min(trial.started for trial in self._trials)
-        return max(0.0, earliest + self.trial_timeout - now)
+        # The earliest trial out decides, or gives its permit back, by then.
+        return max(0.0, min(trial.expires_at for trial in self._trials) - now)
 
     # -- outcomes -------------------------------------------------------------------------
 
@@ -203,18 +212,29 @@ class CircuitBreaker:
 
     @enable_ki_protection
     def failed(
-        self, now: float, reason: str, trial: Trial | None = None, *, in_session: bool = False
+        self,
+        now: float,
+        reason: str,
+        trial: Trial | None = None,
+        *,
+        in_session: bool = False,
+        in_use: bool = False,
     ) -> None:
-        """A connect or handshake failed, or (``in_session``) a channel in use hit an I/O
-        error."""
+        """A connect or handshake failed, or (``in_session``) a session the relay had
+        accepted failed: a channel in use (``in_use``: an I/O error, a hang-up, a request
+        timeout), or a fresh spare it hung up on."""
         if trial is not None:
             if self.holds(trial):
-                self._open(now, f"trial failed: {reason}")
+                self._open(now, f"trial failed: {reason}", needs_reply=in_use)
         elif self.state is CLOSED:
             self.consecutive_failures += 1
-            self.session_failures += in_session
+            self.session_failures += in_session or in_use
             if self.consecutive_failures >= self.failure_threshold:
-                self._open(now, f"{self.consecutive_failures} consecutive failures; last: {reason}")
+                self._open(
+                    now,
+                    f"{self.consecutive_failures} consecutive failures; last: {reason}",
+                    needs_reply=in_use,
+                )
 
     @enable_ki_protection
     def trial_abandoned(self, trial: Trial) -> None:
@@ -238,10 +258,22 @@ class CircuitBreaker:
         }
 
     def holds(self, trial: Trial) -> bool:
-        """Whether ``trial`` is a permit of the current half-open period."""
-        return self.state is HALF_OPEN and trial.generation == self._generation
+        """Whether ``trial`` is a permit out now (of this half-open period, not given back)."""
+        return (
+            self.state is HALF_OPEN
+            and trial.generation == self._generation
+            and trial in self._trials
+        )
 
-    def _open(self, now: float, reason: str) -> None:
+    @enable_ki_protection
+    def extend_trial(self, trial: Trial, until: float) -> None:
+        """The trial is a lease with a time limit: its permit is good until ``until``."""
+        if self.holds(trial) and until > trial.expires_at:
+            trial.expires_at = until
+            self._moved.unpark_all()  # the timer's deadline moved
+
+    def _open(self, now: float, reason: str, *, needs_reply: bool = False) -> None:
+        self.trial_needs_reply = needs_reply
         self.open_until = now + self.cooldown
         self.opened_total += 1
         self._move(OPEN, now, reason)
@@ -266,7 +298,7 @@ class CircuitBreaker:
 
     async def run(self) -> None:
         """The breaker's task: end each cooldown on time, even with no checkout to notice,
-        and fail a trial that has not decided within ``trial_timeout``."""
+        and take back the permit of a trial that has not decided in time."""
         while True:
             with trio.move_on_at(self._next_deadline()):
                 await self._moved.park()
@@ -279,12 +311,15 @@ class CircuitBreaker:
         if self.state is OPEN:
             return self.open_until
         if self.state is HALF_OPEN and self._trials:
-            return min(trial.started for trial in self._trials) + self.trial_timeout
+            return min(trial.expires_at for trial in self._trials)
         return math.inf
 
     @enable_ki_protection
     def _expire_trials(self, now: float) -> None:
-        if self.state is HALF_OPEN and any(
-            now >= trial.started + self.trial_timeout for trial in self._trials
-        ):
-            self._open(now, f"trial undecided within {self.trial_timeout:g}s")
+        if self.state is HALF_OPEN:
+            for trial in [trial for trial in self._trials if now >= trial.expires_at]:
+                self._trials.discard(trial)
+                logger.info(
+                    "circuit breaker for %s: a trial undecided in time gave its permit back",
+                    self.endpoint,
+                )

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+#: No deadline (a module constant: compared on every send and receive).
+NO_DEADLINE = math.inf
+
 _channel_ids = itertools.count(1)
 
 #: How many of a channel's latest round trips `SecureChannel.recent_round_trip` looks at.
@@ -79,8 +82,10 @@ class Channel(abc.ABC):
         self._stream = ssl_stream
         self._on_error = on_error  # told of each failure as it happens (the pool's breaker)
         self._on_trial_answered = on_trial_answered  # and of a trial's first reply
-        self._tls_buffers = tls_buffers  # None: only what SSLObject.pending shows
-        self.deadline = math.inf
+        # TLS's incoming buffer (None: only what SSLObject.pending shows), for the checkout.
+        self._tls_buffers = tls_buffers
+        self._tls_incoming = tls_buffers.incoming if tls_buffers is not None else None
+        self.deadline = NO_DEADLINE
         self.request_timeout: float | None = None
         self.trial: Trial | None = None
         #: Why this channel may not be lent again ("error", "cancelled", "eof", "closed",
@@ -225,7 +230,7 @@ class Channel(abc.ABC):
         return not self.has_pending_input()
 
     @abc.abstractmethod
-    async def absorb_handshake_tail(self, window: float) -> None:
+    async def watch(self, window: float) -> None:
         """Watch a fresh spare for ``window`` seconds before it is pooled (see
         `SecureChannel`'s)."""
 
@@ -281,7 +286,7 @@ class SecureChannel(Channel, trio.abc.Stream):
             await self._raise_closed()
         started = self._now()
         try:
-            if self.deadline == math.inf:
+            if self.deadline == NO_DEADLINE:
                 await self._stream.send_all(data)
             else:
                 await self._by_deadline(self._stream.send_all(data))
@@ -301,7 +306,7 @@ class SecureChannel(Channel, trio.abc.Stream):
         if self._closed:
             await self._raise_closed()
         try:
-            if self.deadline == math.inf:
+            if self.deadline == NO_DEADLINE:
                 await self._stream.wait_send_all_might_not_block()
             else:
                 await self._by_deadline(self._stream.wait_send_all_might_not_block())
@@ -317,7 +322,7 @@ class SecureChannel(Channel, trio.abc.Stream):
         if self._closed:
             await self._raise_closed()
         try:
-            if self.deadline == math.inf:
+            if self.deadline == NO_DEADLINE:
                 data = await self._stream.receive_some(max_bytes)
             else:
                 data = await self._by_deadline(self._stream.receive_some(max_bytes))
@@ -351,8 +356,8 @@ class SecureChannel(Channel, trio.abc.Stream):
         """
         if self._closed or self._tls_pending():
             return True
-        buffers = self._tls_buffers
-        if buffers is not None and buffers.buffered:
+        incoming = self._tls_incoming
+        if incoming is not None and incoming.pending:
             return True
         return self._unread_bytes()
 
@@ -361,23 +366,28 @@ class SecureChannel(Channel, trio.abc.Stream):
 
         When bytes wait unread, they are settled (see `TlsBuffers.settle`): TLS session
         tickets, which relays send whenever they like, are processed and do not count;
-        anything else does. When nothing waits, this costs one ``poll()``: cheap enough
+        anything else does, and leaves the channel spent (``"stale"``: settling may have
+        consumed part of it). When nothing waits, this costs one ``poll()``: cheap enough
         for every checkout. Never call it on a channel in use: it reads the connection.
         """
         if self._closed or self._tls_pending():
             return False
-        buffers = self._tls_buffers
+        incoming, buffers = self._tls_incoming, self._tls_buffers
         if self._poller is not None:  # (`_unread_bytes`, inlined: this is every checkout)
             if self._socket.fileno() != self._polled_fd:
                 return False  # closed under us (the fd may already serve another socket)
-            if not self._poller.poll(0) and (buffers is None or not buffers.buffered):
+            if not self._poller.poll(0) and (incoming is None or not incoming.pending):
                 return True
-            return buffers is not None and buffers.settle(self._polled_fd)
-        if buffers is not None and buffers.buffered:
-            return buffers.settle(None)
-        return not self._unread_bytes()
+            quiet = buffers is not None and buffers.settle(self._polled_fd)
+        elif buffers is not None and incoming is not None and incoming.pending:
+            quiet = buffers.settle(None)
+        else:
+            quiet = not self._unread_bytes()
+        if not quiet:
+            self._spend("stale")
+        return quiet
 
-    async def absorb_handshake_tail(self, window: float) -> None:
+    async def watch(self, window: float) -> None:
         """Watch a fresh spare for ``window`` seconds before it is pooled.
 
         A relay whose service behind TLS is down (a TLS terminator whose backend is gone)
@@ -392,8 +402,6 @@ class SecureChannel(Channel, trio.abc.Stream):
                 data = await self._stream.receive_some()
             except trio.BrokenResourceError:
                 data = b""  # a reset
-            except trio.ClosedResourceError:
-                return  # closed by the pool (its exit): no verdict
             if data:
                 self._spend("unexpected data")
             else:

@@ -117,5 +117,6 @@ class RequestTimeout(SecureChannelError, TimeoutError):
         self.timeout = timeout
         super().__init__(
             f"no reply from {endpoint} within the request timeout of {timeout:g}s"
-            " (counted against the relay; the channel was discarded)"
+            " (counted against the relay; the channel was discarded); raise"
+            " request_timeout, or pass timeout=math.inf to a checkout that waits on purpose"
         )

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from types import TracebackType
 from typing import Generic, TypeVar, final
 
 import trio
 from trio.lowlevel import enable_ki_protection
 
-from ._channel import Channel
+from ._channel import NO_DEADLINE, Channel
 from ._relay import Relay
 from ._routing import Router
 
@@ -55,10 +54,12 @@ class Lease(Generic[ChannelT]):
         self._relay, self._channel = relay, channel
         timeout = self._timeout
         if timeout is None:
-            channel.deadline = math.inf
+            channel.deadline = NO_DEADLINE
         else:
             channel.deadline = trio.current_time() + timeout
             channel.request_timeout = timeout
+            if channel.trial is not None:
+                relay.trial_lent(channel)
         return channel  # type: ignore[return-value]  # relays of its kind lend only those
 
     @enable_ki_protection

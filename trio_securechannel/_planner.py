@@ -202,7 +202,11 @@ class Planner:
         trial = channel.trial
         if trial is not None:  # not decided by a reply or a failure: the lease decides
             channel.trial = None
-            if (exc is None or not is_cancellation(exc)) and served_well(channel):
+            if (
+                (exc is None or not is_cancellation(exc))
+                and served_well(channel)
+                and not breaker.trial_needs_reply  # (there was no reply)
+            ):
                 breaker.succeeded(now, trial)
             else:
                 breaker.trial_abandoned(trial)  # nothing proven either way
@@ -258,7 +262,8 @@ class Planner:
 
         While the breaker is half-open, one spare may be its trial (finding out whether the
         relay is back without waiting for traffic), unless idle channels are there to
-        serve the next checkout as its trial; while it is open, none.
+        serve the next checkout as its trial, or only a reply can prove the relay back
+        (a quiet spare does not prove a relay that never answers); while it is open, none.
         """
         books, breaker = self.books, self.breaker
         opens: list[Open] = []
@@ -273,7 +278,12 @@ class Planner:
                 if reservation is None:
                     break
                 opens.append(Open(reservation, None))
-        elif self.spares_missing(opening_spares) > 0 and not opening_spares and not books.idle:
+        elif (
+            self.spares_missing(opening_spares) > 0
+            and not opening_spares
+            and not books.idle
+            and not breaker.trial_needs_reply
+        ):
             trial = breaker.take_trial(now)
             if trial is not None:
                 reservation = books.reserve()

@@ -145,7 +145,9 @@ class SecureChannelPool:
             CircuitOpen: Every relay's breaker is open; nothing was attempted.
             PoolClosed: The pool is shutting down.
             TypeError: The pool has no raw TLS relays (only ``wss://`` ones).
-            ValueError: ``timeout`` is not a positive number of seconds.
+            ValueError: ``timeout`` is not a positive number of seconds; or (on entering)
+                the ``ssl_context`` was weakened after the pool checked it, so no
+                connection is made with it.
         """
         if self._streams is None:
             raise TypeError(

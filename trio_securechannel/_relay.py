@@ -81,9 +81,10 @@ class Relay:
             failure_threshold=config.breaker_failure_threshold,
             cooldown=config.breaker_cooldown,
             half_open_trials=config.breaker_half_open_trials,
-            # A trial's connect, then its first reply (inf: its lease decides, however long).
-            trial_timeout=config.connect_timeout
-            + (config.request_timeout or config.connect_timeout),
+            # A trial permit is good for a connect, with as long again to spare: the
+            # connect's own timeout, not the permit's end, must decide (a lease with a
+            # time limit extends it in the same way).
+            trial_timeout=2 * config.connect_timeout,
             on_transition=self._breaker_moved,
         )
         self._planner = Planner(self._books, self.breaker, config)
@@ -270,6 +271,9 @@ class Relay:
             channel.trial = trial  # decided by what the relay does with it
             self._opened(channel)
             if watch:
+                if trial is not None:  # the watch, within connect_timeout, decides
+                    now = trio.current_time()
+                    self.breaker.extend_trial(trial, now + 2 * self.config.connect_timeout)
                 await self._watch(channel)
             reservation.fill(channel)
         if self._books.closed:
@@ -303,7 +307,7 @@ class Relay:
             self.config.connect_timeout, max(SPARE_WATCH_MIN, 2 * channel.handshake_seconds)
         )
         try:
-            await channel.absorb_handshake_tail(window)
+            await channel.watch(window)
         except BaseException:
             self._leave_unpooled(channel, "aborted")
             raise
@@ -350,6 +354,7 @@ class Relay:
         elif self.learns_latency and exc is None:
             self._learn_latency(channel)
 
+    @enable_ki_protection
     def _channel_failed(self, channel: Channel, kind: str) -> None:
         """A channel hit an I/O error, a request timeout, or was dropped by the relay:
         the breaker hears of it before the channel's user does."""
@@ -359,9 +364,20 @@ class Relay:
             self._observe_latency(self.config.connect_timeout)
         trial, channel.trial = channel.trial, None
         self.breaker.failed(
-            trio.current_time(), f"{kind} error on {channel!r}", trial, in_session=True
+            trio.current_time(),
+            f"{kind} error on {channel!r}",
+            trial,
+            in_session=True,
+            in_use=channel in self._books.in_use,  # (else a spare being watched)
         )
 
+    def trial_lent(self, channel: Channel) -> None:
+        """A trial's channel was lent under a time limit: its permit lasts as long, plus
+        a connect's time (the limit's own timeout, not the permit's end, must decide)."""
+        if channel.trial is not None and channel.deadline != math.inf:
+            self.breaker.extend_trial(channel.trial, channel.deadline + self.config.connect_timeout)
+
+    @enable_ki_protection
     def _trial_answered(self, channel: Channel) -> None:
         """A trial's channel got its first reply: the relay is back."""
         trial, channel.trial = channel.trial, None

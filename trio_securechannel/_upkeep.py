@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, final
 
 import trio
 
-from ._breaker import BreakerState
 from ._errors import CircuitOpen, ConnectError, PoolClosed
 
 if TYPE_CHECKING:
@@ -66,8 +65,10 @@ class Upkeep:
         async with trio.open_nursery() as nursery:
             while True:
                 now = trio.current_time()
-                if relay.breaker.state is BreakerState.CLOSED and now < self._retry_spares_at:
-                    # Backing off; a relay that is back (`relay_is_back`) ends it early.
+                if now < self._retry_spares_at:
+                    # Backing off, whatever the breaker says (a spare trial that fails
+                    # must not be retried at once); a relay that is back (`relay_is_back`)
+                    # ends it early.
                     with trio.move_on_at(self._retry_spares_at):
                         await self._wakeup.park()
                     continue
@@ -85,7 +86,8 @@ class Upkeep:
             pass  # closing, or the breaker opened since this spare was planned: no connect
         except Exception as exc:  # whatever it is, a spare's failure must not end the pool
             self._spare_failures += 1
-            backoff = min(SPARE_BACKOFF_MAX, SPARE_BACKOFF_FIRST * 2 ** (self._spare_failures - 1))
+            doublings = min(self._spare_failures - 1, 16)  # (2**1024 would overflow a float)
+            backoff = min(SPARE_BACKOFF_MAX, SPARE_BACKOFF_FIRST * 2**doublings)
             self._retry_spares_at = trio.current_time() + backoff
             logger.warning(
                 "could not open a spare channel (retry in %gs): %s", backoff, exc,

@@ -10,7 +10,6 @@ breaks the protocol ends that one channel, never the pool.
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, final
@@ -25,7 +24,7 @@ from trio_websocket import (
 )
 from wsproto.utilities import RemoteProtocolError
 
-from ._channel import Channel
+from ._channel import NO_DEADLINE, Channel
 from ._config import PoolConfig
 from ._endpoint import Endpoint
 from ._frames import FrameWatch
@@ -94,7 +93,7 @@ class WebSocketChannel(Channel):
             raise trio.ClosedResourceError("this channel was closed")
         started = trio.current_time()
         try:
-            if self.deadline == math.inf:
+            if self.deadline == NO_DEADLINE:
                 await self._connection.send_message(message)
             else:
                 await self._by_deadline(self._connection.send_message(message))
@@ -117,7 +116,7 @@ class WebSocketChannel(Channel):
             await trio.lowlevel.checkpoint()
             raise trio.ClosedResourceError("this channel was closed")
         try:
-            if self.deadline == math.inf:
+            if self.deadline == NO_DEADLINE:
                 message = await self._connection.get_message()
             else:
                 message = await self._by_deadline(self._connection.get_message())
@@ -191,12 +190,10 @@ class WebSocketChannel(Channel):
             or self._unread_bytes()
         )
 
-    async def absorb_handshake_tail(self, window: float) -> None:
+    async def watch(self, window: float) -> None:
         """Watch for ``window`` seconds: a relay that ends the session at once fails
         (``"dropped"``); the reader task consumes everything else."""
         await trio.sleep(window)
-        if self._closed:
-            return  # closed by the pool (its exit): no verdict
         if self._session.reader_done or self._connection.closed is not None:
             self._fail("dropped")
         elif self.has_pending_input():
