@@ -309,18 +309,23 @@ async def test_session_tickets_do_not_make_a_channel_look_stale(
 
 
 @pytest.mark.parametrize(
-    "tickets_after",
-    [lambda: random.uniform(0.03, 0.05), lambda: 0.2],
-    ids=["30-50ms, while a spare settles", "200ms, once spares are pooled"],
+    ("tickets_after", "waiting_at_checkout"),
+    [(lambda: random.uniform(0.03, 0.05), False), (lambda: 0.2, True)],
+    ids=["30-50ms, while a spare is watched", "200ms, once spares are pooled"],
 )
 async def test_late_session_tickets_keep_spares_warm(
-    relay: Relay, client_context: ssl.SSLContext, tickets_after: Callable[[], float]
+    relay: Relay,
+    client_context: ssl.SSLContext,
+    tickets_after: Callable[[], float],
+    waiting_at_checkout: bool,
 ) -> None:
     relay.tickets_after = tickets_after
     async with sc.open_pool(relay.target, ssl_context=client_context, min_idle=4) as pool:
         await wait_until(lambda: books(pool)["idle"] == 4)
         await trio.sleep(0.25)  # every relay's tickets have come by now
         spares = set(pool.channels())
+        if waiting_at_checkout:  # unread on each spare: the checkout must settle them
+            assert all(spare.has_pending_input() for spare in spares)
         lent: list[sc.SecureChannel] = []
 
         async def check_out_one() -> None:

@@ -138,7 +138,7 @@ async def test_a_send_the_relay_will_not_take_times_out(
     async with sc.open_pool(relay.target, **options) as pool:
         with pytest.raises(sc.RequestTimeout):
             async with pool.connection() as channel:
-                await channel.send_all(b"x" * (64 << 20))
+                await channel.send_all(b"x" * (8 << 20))
         assert pool.status()["errors_by_kind"] == {"timeout": 1}
 
 
