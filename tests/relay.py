@@ -105,8 +105,8 @@ class _TLSEchoServer:
                 try:
                     while await transport.receive_some():
                         pass
-                except trio.BrokenResourceError:
-                    pass
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the client gave up, or reset_connections() closed it
                 self.endings["before_tls"] += 1
             return
         corkable = _Corkable(transport)
