@@ -71,3 +71,18 @@ async def wait_until(predicate: Callable[[], bool], *, within: float = 5.0) -> N
     with trio.fail_after(within):
         while not predicate():  # noqa: ASYNC110 - nothing to wait on but the state itself
             await trio.sleep(0.005)
+
+
+async def check_out_at_once(pool: sc.SecureChannelPool, count: int) -> set[sc.SecureChannel]:
+    """``count`` checkouts held at the same time, each echoing once: the channels lent."""
+    lent: set[sc.SecureChannel] = set()
+
+    async def check_out_one() -> None:
+        async with pool.connection() as channel:
+            lent.add(channel)
+            assert await echo(channel, b"warm") == b"warm"
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(count):
+            nursery.start_soon(check_out_one)
+    return lent

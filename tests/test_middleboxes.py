@@ -17,7 +17,7 @@ import trustme
 import trio_securechannel as sc
 
 from conftest import SERVER_CERT
-from helpers import books, echo, wait_until
+from helpers import books, check_out_at_once, echo, wait_until
 from middleboxes import (
     EchoBackend,
     Middlebox,
@@ -290,17 +290,8 @@ async def test_spares_stay_warm_though_the_terminator_sends_tickets_on_its_own(
         await wait_until(lambda: books(pool)["idle"] == 4)
         await trio.sleep(0.2)  # the tickets have come, unread
         spares = set(pool.channels())
-        lent: list[sc.SecureChannel] = []
-
-        async def check_out_one() -> None:
-            async with pool.connection() as channel:
-                lent.append(channel)
-                assert await echo(channel, b"warm") == b"warm"
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(4):
-                nursery.start_soon(check_out_one)
-        assert set(lent) == spares  # each checkout got a warm spare, none a cold handshake
+        # Each checkout got a warm spare, none a cold handshake.
+        assert await check_out_at_once(pool, 4) == spares
         assert "stale" not in books(pool)["closed_by_reason"]
 
 

@@ -21,7 +21,7 @@ from trio_securechannel import Endpoint, PoolConfig
 from trio_securechannel._connect import open_channel
 
 from conftest import CA, make_server_context
-from helpers import assert_all_slots_free, books, echo, relay_of, wait_until
+from helpers import assert_all_slots_free, books, check_out_at_once, echo, relay_of, wait_until
 from relay import Relay, closed_port
 
 
@@ -326,18 +326,8 @@ async def test_late_session_tickets_keep_spares_warm(
         spares = set(pool.channels())
         if waiting_at_checkout:  # unread on each spare: the checkout must settle them
             assert all(spare.has_pending_input() for spare in spares)
-        lent: list[sc.SecureChannel] = []
-
-        async def check_out_one() -> None:
-            async with pool.connection() as channel:
-                lent.append(channel)
-                assert await echo(channel, b"warm") == b"warm"
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(4):
-                nursery.start_soon(check_out_one)
         # The four spares were lent, warm, as promised: no cold handshake at checkout.
-        assert set(lent) == spares
+        assert await check_out_at_once(pool, 4) == spares
         assert "stale" not in books(pool)["closed_by_reason"]
 
 
