@@ -371,6 +371,7 @@ class Relay:
             in_use=channel in self._books.in_use,  # (else a spare being watched)
         )
 
+    @enable_ki_protection
     def trial_lent(self, channel: Channel) -> None:
         """A trial's channel was lent under a time limit: its permit lasts as long, plus
         a connect's time (the limit's own timeout, not the permit's end, must decide)."""
