@@ -786,3 +786,93 @@ async def test_a_trial_answered_within_its_own_time_limit_closes_the_breaker(
         async with pool.connection(timeout=60.0) as channel:
             assert await echo(channel, b"slow") == b"slow"
         assert pool.breaker_state is CLOSED
+
+
+async def test_a_slow_relay_that_answers_closes_the_breaker(
+    autojump_clock: trio.testing.MockClock,
+    memory_relay: MemoryRelay,
+    client_context: ssl.SSLContext,
+) -> None:
+    # No request_timeout; replies take 12 s, longer than a trial holds its place (twice
+    # connect_timeout): the late reply still proves the relay back.
+    options = {"connect_timeout": 5.0, "breaker_failure_threshold": 1, "breaker_cooldown": 10.0}
+    async with memory_pool(memory_relay, client_context, **options) as pool:
+        relay_of(pool).breaker.failed(trio.current_time(), "a transient failure")
+        await trio.sleep(10.0)
+        memory_relay.echo_delay = 12.0
+        async with pool.connection() as channel:
+            assert await echo(channel, b"slow") == b"slow"
+        assert pool.breaker_state is CLOSED
+
+
+async def test_a_trials_connect_that_fails_after_a_wait_in_line_reopens_the_breaker(
+    autojump_clock: trio.testing.MockClock,
+    memory_relay: MemoryRelay,
+    client_context: ssl.SSLContext,
+) -> None:
+    options = {
+        "max_connections": 1,
+        "acquire_timeout": 60.0,
+        "connect_timeout": 5.0,
+        "breaker_failure_threshold": 1,
+        "breaker_cooldown": 10.0,
+    }
+
+    class AppError(Exception):
+        pass
+
+    async with memory_pool(memory_relay, client_context, **options) as pool:
+
+        async def long_lease(task_status: trio.TaskStatus[None]) -> None:
+            async with pool.connection() as channel:
+                assert await echo(channel, b"a") == b"a"
+                task_status.started()
+                await trio.sleep(19.0)
+                memory_relay.connect_delay = 1000.0  # the relay's network hangs now
+                raise AppError  # the channel is discarded, its slot freed
+
+        async def lease_that_fails(task_status: trio.TaskStatus[None]) -> None:
+            with pytest.raises(AppError):
+                await long_lease(task_status)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lease_that_fails)
+            relay_of(pool).breaker.failed(trio.current_time(), "a failure elsewhere")
+            await trio.sleep(10.0)  # half-open
+            with pytest.raises(sc.ConnectError):  # the trial waits 9 s, then its connect
+                async with pool.connection():  # times out: that must still count
+                    pass
+        assert pool.breaker_state is OPEN
+
+
+async def test_only_a_reply_proves_a_relay_that_stopped_answering(
+    autojump_clock: trio.testing.MockClock,
+    memory_relay: MemoryRelay,
+    client_context: ssl.SSLContext,
+) -> None:
+    # Opened by request timeouts; then a refused trial; then the relay is back, still
+    # never answering: a spare that stays quiet must not close the breaker.
+    options = {
+        "min_idle": 1,
+        "connect_timeout": 5.0,
+        "request_timeout": 1.0,
+        "breaker_failure_threshold": 2,
+        "breaker_cooldown": 10.0,
+    }
+    async with memory_pool(memory_relay, client_context, **options) as pool:
+        await trio.sleep(1.0)
+        memory_relay.mode = "hang"
+        for _ in range(2):
+            with pytest.raises(sc.RequestTimeout):
+                async with pool.connection() as channel:
+                    await echo(channel, b"x")
+        assert pool.breaker_state is OPEN
+        memory_relay.mode = "refuse"
+        await relay_of(pool).close_idle("test")
+        await trio.sleep(10.0)
+        with pytest.raises(sc.ConnectError):  # a checkout's trial: refused
+            async with pool.connection():
+                pass
+        memory_relay.mode = "hang"
+        await trio.sleep(20.0)
+        assert pool.breaker_state is not CLOSED

@@ -203,10 +203,12 @@ async def test_a_relay_that_hangs_up_on_every_request_opens_the_breaker(
 # -- row 32: a relay back after being down ----------------------------------------------------
 
 
+@pytest.mark.parametrize("down_for", [120.0, 125.0, 130.0, 140.0])
 async def test_spares_are_back_within_a_moment_of_the_relay(
     autojump_clock: trio.testing.MockClock,
     memory_relay: MemoryRelay,
     client_context: ssl.SSLContext,
+    down_for: float,
 ) -> None:
     memory_relay.mode = "refuse"
     options: dict[str, Any] = {
@@ -220,7 +222,9 @@ async def test_spares_are_back_within_a_moment_of_the_relay(
         open_transport=memory_relay.open_transport,
         **options,
     ) as pool:
-        await trio.sleep(120.0)  # long enough for the spare backoff to reach its 30 s cap
+        # Long enough for the spare backoff to reach its 30 s cap; whenever the relay is
+        # back, the next trial comes with the next cooldown's end, not a backoff later.
+        await trio.sleep(down_for)
         memory_relay.mode = "echo"
         with trio.fail_after(10.0 + 1.0):  # the next trial, one cooldown at most
             await wait_until(lambda: pool.breaker_state is sc.BreakerState.CLOSED, within=11.0)

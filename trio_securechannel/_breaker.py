@@ -81,15 +81,18 @@ class Trial:
     """A permit to make one trial checkout while the breaker is half-open.
 
     Attributes:
-        expires_at: When the permit goes back if nothing has decided (see
-            `CircuitBreaker.trial_timeout`).
+        expires_at: When another checkout may try too, if nothing has decided (see
+            `CircuitBreaker.trial_timeout`); this trial's outcome still counts after.
+        abandoned: It was given back (cancelled, never reached the relay): its outcome,
+            if any, counts for nothing.
     """
 
-    __slots__ = ("expires_at", "generation")
+    __slots__ = ("abandoned", "expires_at", "generation")
 
     def __init__(self, generation: int, expires_at: float) -> None:
         self.generation = generation
         self.expires_at = expires_at
+        self.abandoned = False
 
 
 @final
@@ -110,10 +113,10 @@ class CircuitBreaker:
         self.failure_threshold = failure_threshold
         self.cooldown = cooldown
         self.half_open_trials = half_open_trials
-        # How long a trial permit is good for, unless extended (`extend_trial`, for a
-        # lease with a time limit): past it, an undecided trial gives its permit back (it
-        # proved nothing; a time limit of its own would have failed it), so a trial lent
-        # to a hung relay cannot keep the breaker half-open for ever.
+        # How long a trial holds its place, unless extended (`extend_trial`, for a connect
+        # or a lease with a time limit): past it, another checkout may try as well, so a
+        # trial lent to a hung relay cannot keep everyone out for ever. Its outcome, when
+        # it comes, still decides (a slow relay that answers is back).
         self.trial_timeout = trial_timeout
         self._on_transition = on_transition
         self.state = CLOSED
@@ -122,13 +125,13 @@ class CircuitBreaker:
         # handshake clears connect failures only: a relay that accepts every session and
         # then drops it must still trip.
         self.session_failures = 0
+        self._timeouts = 0  # of those, relays that did not answer in time
         self.opened_total = 0
         self.rejected_total = 0
         self.transitions: Counter[BreakerState] = Counter()  # by the state entered
         self.open_until = -math.inf
-        # The breaker opened on a failure of a channel in use (an I/O error, a hang-up, a
-        # request timeout): only a reply proves such a relay back, never a handshake or a
-        # quiet spare.
+        # The breaker opened on a relay that did not answer in time (request_timeout): only
+        # a reply proves such a relay back, never a handshake or a quiet spare.
         self.trial_needs_reply = False
         self._trials: set[Trial] = set()  # permits out in the current half-open period
         self._generation = 0  # a new one each half-open period, so stale permits count for nothing
@@ -199,7 +202,7 @@ class CircuitBreaker:
             if self.holds(trial):
                 self._move(CLOSED, now, "trial succeeded")
         elif self.state is CLOSED:
-            self.consecutive_failures = self.session_failures = 0
+            self._forget_failures()
         # Open or half-open: only a trial's outcome decides, not a straggler's.
 
     @enable_ki_protection
@@ -218,28 +221,32 @@ class CircuitBreaker:
         trial: Trial | None = None,
         *,
         in_session: bool = False,
-        in_use: bool = False,
+        no_reply: bool = False,
     ) -> None:
         """A connect or handshake failed, or (``in_session``) a session the relay had
-        accepted failed: a channel in use (``in_use``: an I/O error, a hang-up, a request
-        timeout), or a fresh spare it hung up on."""
+        accepted failed: an I/O error or a hang-up on a channel, or (``no_reply``, a
+        session failure too) no reply within the checkout's time limit."""
         if trial is not None:
             if self.holds(trial):
-                self._open(now, f"trial failed: {reason}", needs_reply=in_use)
+                # (Once only a reply proves the relay, that stays so until one does.)
+                needs_reply = no_reply or self.trial_needs_reply
+                self._open(now, f"trial failed: {reason}", needs_reply=needs_reply)
         elif self.state is CLOSED:
             self.consecutive_failures += 1
-            self.session_failures += in_session or in_use
+            self.session_failures += in_session or no_reply
+            self._timeouts += no_reply
             if self.consecutive_failures >= self.failure_threshold:
                 self._open(
                     now,
                     f"{self.consecutive_failures} consecutive failures; last: {reason}",
-                    needs_reply=in_use,
+                    needs_reply=self._timeouts > 0,
                 )
 
     @enable_ki_protection
     def trial_abandoned(self, trial: Trial) -> None:
         """A trial was cancelled, or never reached the relay: its permit goes back."""
         if self.holds(trial):
+            trial.abandoned = True
             self._trials.discard(trial)
 
     @enable_ki_protection
@@ -258,19 +265,21 @@ class CircuitBreaker:
         }
 
     def holds(self, trial: Trial) -> bool:
-        """Whether ``trial`` is a permit out now (of this half-open period, not given back)."""
+        """Whether ``trial`` is a permit of this half-open period, not given back."""
         return (
-            self.state is HALF_OPEN
-            and trial.generation == self._generation
-            and trial in self._trials
+            self.state is HALF_OPEN and trial.generation == self._generation and not trial.abandoned
         )
 
     @enable_ki_protection
     def extend_trial(self, trial: Trial, until: float) -> None:
-        """The trial is a lease with a time limit: its permit is good until ``until``."""
+        """The trial is connecting, or a lease with a time limit: it holds its place
+        until ``until``."""
         if self.holds(trial) and until > trial.expires_at:
             trial.expires_at = until
             self._moved.unpark_all()  # the timer's deadline moved
+
+    def _forget_failures(self) -> None:
+        self.consecutive_failures = self.session_failures = self._timeouts = 0
 
     def _open(self, now: float, reason: str, *, needs_reply: bool = False) -> None:
         self.trial_needs_reply = needs_reply
@@ -286,7 +295,8 @@ class CircuitBreaker:
         if to_state is HALF_OPEN:
             self._generation += 1
         elif to_state is CLOSED:
-            self.consecutive_failures = self.session_failures = 0
+            self._forget_failures()
+            self.trial_needs_reply = False
         level = logging.WARNING if to_state is OPEN else logging.INFO
         logger.log(level, "circuit breaker for %s: %s -> %s (%s)", self.endpoint,
                    event.from_state.value, to_state.value, reason)  # fmt: skip
@@ -318,8 +328,8 @@ class CircuitBreaker:
     def _expire_trials(self, now: float) -> None:
         if self.state is HALF_OPEN:
             for trial in [trial for trial in self._trials if now >= trial.expires_at]:
-                self._trials.discard(trial)
+                self._trials.discard(trial)  # its place, not its say
                 logger.info(
-                    "circuit breaker for %s: a trial undecided in time gave its permit back",
+                    "circuit breaker for %s: a trial is undecided; another may try",
                     self.endpoint,
                 )

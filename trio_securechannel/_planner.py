@@ -263,7 +263,7 @@ class Planner:
         While the breaker is half-open, one spare may be its trial (finding out whether the
         relay is back without waiting for traffic), unless idle channels are there to
         serve the next checkout as its trial, or only a reply can prove the relay back
-        (a quiet spare does not prove a relay that never answers); while it is open, none.
+        (a quiet spare does not prove a relay that did not answer); while it is open, none.
         """
         books, breaker = self.books, self.breaker
         opens: list[Open] = []

@@ -244,6 +244,9 @@ class Relay:
             if trial is None and self.breaker.state is not BreakerState.CLOSED:
                 # It opened since the slot was reserved (a spare planned before): no connect.
                 raise CircuitOpen(self._name, self.retry_after(trio.current_time()))
+            if trial is not None:  # (it may have waited in line): a connect from now
+                now = trio.current_time()
+                self.breaker.extend_trial(trial, now + 2 * self.config.connect_timeout)
             try:
                 channel = await open_channel(
                     self.endpoint,
@@ -368,7 +371,7 @@ class Relay:
             f"{kind} error on {channel!r}",
             trial,
             in_session=True,
-            in_use=channel in self._books.in_use,  # (else a spare being watched)
+            no_reply=kind == "timeout",
         )
 
     @enable_ki_protection

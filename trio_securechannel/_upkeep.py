@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, final
 
 import trio
 
+from ._breaker import BreakerState
 from ._errors import CircuitOpen, ConnectError, PoolClosed
 
 if TYPE_CHECKING:
@@ -88,9 +89,13 @@ class Upkeep:
             self._spare_failures += 1
             doublings = min(self._spare_failures - 1, 16)  # (2**1024 would overflow a float)
             backoff = min(SPARE_BACKOFF_MAX, SPARE_BACKOFF_FIRST * 2**doublings)
+            breaker = self._relay.breaker
+            if breaker.state is BreakerState.OPEN:
+                backoff = 0.0  # its cooldown spaces the next attempt (a trial) already
             self._retry_spares_at = trio.current_time() + backoff
+            retry = f"retry in {backoff:g}s" if backoff else "retry after the breaker's cooldown"
             logger.warning(
-                "could not open a spare channel (retry in %gs): %s", backoff, exc,
+                "could not open a spare channel (%s): %s", retry, exc,
                 exc_info=not isinstance(exc, ConnectError),  # a bug: show where
             )  # fmt: skip
         else:
