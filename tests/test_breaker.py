@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -740,28 +741,39 @@ async def test_a_waiter_handed_a_channel_after_the_opening_gets_circuit_open(
         assert pool.breaker_state is CLOSED
 
 
+#: One slot, a long wait in line: a trial that must wait for the slot a lease holds.
+ONE_SLOT_TO_WAIT_FOR = {
+    "max_connections": 1,
+    "acquire_timeout": 60.0,
+    "connect_timeout": 5.0,
+    "breaker_failure_threshold": 1,
+    "breaker_cooldown": 10.0,
+}
+
+
+async def hold_the_only_slot(
+    pool: sc.SecureChannelPool,
+    seconds: float,
+    then: Callable[[], None] = lambda: None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """A lease on the pool's only channel for ``seconds``, then ``then()`` inside it."""
+    async with pool.connection() as channel:
+        assert await echo(channel, b"a") == b"a"
+        task_status.started()
+        await trio.sleep(seconds)
+        then()
+
+
 async def test_a_trial_waiting_in_line_is_no_failure_of_the_relay(
     autojump_clock: trio.testing.MockClock,
     memory_relay: MemoryRelay,
     client_context: ssl.SSLContext,
 ) -> None:
-    options = {
-        "max_connections": 1,
-        "acquire_timeout": 60.0,
-        "connect_timeout": 5.0,
-        "breaker_failure_threshold": 1,
-        "breaker_cooldown": 10.0,
-    }
-    async with memory_pool(memory_relay, client_context, **options) as pool:
-
-        async def long_lease(task_status: trio.TaskStatus[None]) -> None:
-            async with pool.connection() as channel:
-                assert await echo(channel, b"a") == b"a"
-                task_status.started()
-                await trio.sleep(40.0)  # a long, healthy lease (a subscription)
-
+    async with memory_pool(memory_relay, client_context, **ONE_SLOT_TO_WAIT_FOR) as pool:
         async with trio.open_nursery() as nursery:
-            await nursery.start(long_lease)
+            await nursery.start(hold_the_only_slot, pool, 40.0)  # a subscription, say
             relay_of(pool).breaker.failed(trio.current_time(), "a failure elsewhere")
             await trio.sleep(10.0)  # half-open
             async with pool.connection() as channel:  # the trial waits 30 s for the slot
@@ -810,31 +822,15 @@ async def test_a_trials_connect_that_fails_after_a_wait_in_line_reopens_the_brea
     memory_relay: MemoryRelay,
     client_context: ssl.SSLContext,
 ) -> None:
-    options = {
-        "max_connections": 1,
-        "acquire_timeout": 60.0,
-        "connect_timeout": 5.0,
-        "breaker_failure_threshold": 1,
-        "breaker_cooldown": 10.0,
-    }
+    def the_network_hangs() -> None:
+        memory_relay.connect_delay = 1000.0
+        raise AppError  # the lease's channel is discarded, its slot freed
 
-    class AppError(Exception):
-        pass
+    async def lease_that_fails(task_status: trio.TaskStatus[None]) -> None:
+        with pytest.raises(AppError):
+            await hold_the_only_slot(pool, 19.0, the_network_hangs, task_status=task_status)
 
-    async with memory_pool(memory_relay, client_context, **options) as pool:
-
-        async def long_lease(task_status: trio.TaskStatus[None]) -> None:
-            async with pool.connection() as channel:
-                assert await echo(channel, b"a") == b"a"
-                task_status.started()
-                await trio.sleep(19.0)
-                memory_relay.connect_delay = 1000.0  # the relay's network hangs now
-                raise AppError  # the channel is discarded, its slot freed
-
-        async def lease_that_fails(task_status: trio.TaskStatus[None]) -> None:
-            with pytest.raises(AppError):
-                await long_lease(task_status)
-
+    async with memory_pool(memory_relay, client_context, **ONE_SLOT_TO_WAIT_FOR) as pool:
         async with trio.open_nursery() as nursery:
             await nursery.start(lease_that_fails)
             relay_of(pool).breaker.failed(trio.current_time(), "a failure elsewhere")
@@ -876,3 +872,7 @@ async def test_only_a_reply_proves_a_relay_that_stopped_answering(
         memory_relay.mode = "hang"
         await trio.sleep(20.0)
         assert pool.breaker_state is not CLOSED
+
+
+class AppError(Exception):
+    """An application's own error inside a block."""
