@@ -54,7 +54,7 @@ reached: Counter[str] = Counter()
 MUST_REACH = {
     "lend", "lend after a wait", "open", "open as a trial", "wait", "wait with a trial",
     "refuse", "refuse releasing a slot", "closed", "departed: stale",
-    "departed: unanswered", "departed: error", "departed: shutdown",
+    "departed: unanswered", "departed: unread data", "departed: error", "departed: shutdown",
 }  # fmt: skip
 
 
@@ -68,6 +68,7 @@ class FakeChannel:
         self.spent: str | None = None
         self.errors: Counter[str] = Counter()
         self.unanswered = False
+        self.buffered_bytes = 0  # read off the connection, not taken by its user
         self.pending = False  # the relay sent something while it sat idle
         self.latency: float | None = None
         self.trial: Trial | None = None
@@ -343,7 +344,9 @@ class PlannerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.holding)
     @rule(
         data=st.data(),
-        how=st.sampled_from(["ok", "ok", "unanswered", "app error", "io error", "kept ref"]),
+        how=st.sampled_from(
+            ["ok", "ok", "unanswered", "half a line", "app error", "io error", "kept ref"]
+        ),
     )
     def give_back(self, data: st.DataObject, how: str) -> None:
         channel = self.holding.pop(data.draw(st.integers(0, len(self.holding) - 1)))
@@ -351,6 +354,8 @@ class PlannerMachine(RuleBasedStateMachine):
         exc: BaseException | None = None
         if how == "unanswered":
             fake.unanswered = True
+        elif how == "half a line":
+            fake.buffered_bytes = 7
         elif how == "app error":
             exc = RuntimeError("the application's own")
         elif how == "io error" and fake.spent != "error":
@@ -457,6 +462,7 @@ class PlannerMachine(RuleBasedStateMachine):
         for channel in self.books.idle:
             fake = cast(FakeChannel, channel)
             assert not fake.unanswered
+            assert not fake.buffered_bytes
             assert not fake.errors
 
     @invariant()

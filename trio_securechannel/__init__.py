@@ -15,9 +15,11 @@ from ._errors import CircuitOpen as CircuitOpen
 from ._errors import ConnectError as ConnectError
 from ._errors import PoolClosed as PoolClosed
 from ._errors import PoolExhausted as PoolExhausted
+from ._errors import ProtocolError as ProtocolError
 from ._errors import RequestTimeout as RequestTimeout
 from ._errors import SecureChannelError as SecureChannelError
 from ._events import EventStream as EventStream
+from ._pinning import public_key_pin as public_key_pin
 from ._pool import SecureChannelPool as SecureChannelPool
 from ._pool import open_pool as open_pool
 from ._tls import load_root_store as load_root_store

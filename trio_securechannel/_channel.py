@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, final
 import trio
 
 from ._endpoint import Endpoint
-from ._errors import RequestTimeout
+from ._errors import ProtocolError, RequestTimeout
 from ._latency import RotatingHistogram
 from ._tls_buffers import TlsBuffers
 
@@ -39,6 +39,9 @@ _channel_ids = itertools.count(1)
 
 #: How many of a channel's latest round trips `SecureChannel.recent_round_trip` looks at.
 RECENT_ROUND_TRIPS = 8
+
+#: The default bound on one line `SecureChannel.receive_line` accepts (``max_line_length``).
+MAX_LINE_LENGTH = 1 << 20
 
 
 class Channel(abc.ABC):
@@ -163,12 +166,35 @@ class Channel(abc.ABC):
         """Let the current user finish, but never lend this channel again."""
         self._spend(reason)
 
-    def _fail(self, kind: str, *, blame_relay: bool = True) -> None:
+    def report_to(
+        self,
+        on_error: Callable[[Channel, str], None] | None,
+        on_trial_answered: Callable[[Channel], None] | None,
+    ) -> None:
+        """For the pool: from now on, tell ``on_error`` of each failure as it happens, and
+        ``on_trial_answered`` of a trial's first reply."""
+        self._on_error = on_error
+        self._on_trial_answered = on_trial_answered
+
+    def blame_relay(self) -> None:
+        """Say the relay broke the protocol spoken over this channel (a reply that makes no
+        sense): counted once as an error of kind ``"protocol"`` and as a failure for its
+        circuit breaker; the channel is never lent again. Raise your own error after it.
+        """
+        self._fail("protocol")
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes read from the relay and held for the next receive (half a line, or what
+        came behind one). A channel given back with any is not pooled again."""
+        return 0
+
+    def _fail(self, kind: str) -> None:
         # A stream breaks once; later calls re-raise the same state and count nothing.
         if self.spent != "error":
             self.errors[kind] += 1
             self.spent = "error"
-            if blame_relay and self._on_error is not None:
+            if self._on_error is not None:
                 self._on_error(self, kind)
 
     def _spend(self, reason: str) -> None:
@@ -277,8 +303,107 @@ class SecureChannel(Channel, trio.abc.Stream):
 
     A channel that saw an error, a cancellation or end-of-file is never lent out again:
     its TLS state may be mid-record (trio#889) or its peer gone. `spent` says why.
-    The attributes are `Channel`'s.
+
+    For a line protocol (newline-delimited JSON-RPC, as Electrum servers speak), use
+    `send_line` and `receive_line`: each returns exactly one whole message, however the
+    relay's bytes were cut into reads. With the raw `receive_some`, the rule is yours to
+    keep: read each reply to its end before the block ends (the pool cannot know where a
+    message ends; bytes that arrive after the block are found at the next checkout, but a
+    reply still on its way could reach the next user).
+
+    Attributes:
+        max_line_length: The longest line `receive_line` accepts, in bytes (without its
+            newline); the pool's ``max_line_length``.
+        The others are `Channel`'s.
     """
+
+    def __init__(
+        self,
+        ssl_stream: trio.SSLStream[Any],
+        endpoint: Endpoint,
+        *,
+        max_line_length: int = MAX_LINE_LENGTH,
+        **options: Any,
+    ) -> None:
+        super().__init__(ssl_stream, endpoint, **options)
+        self.max_line_length = max_line_length
+        # What was read off the connection and not yet taken: half a line, or the bytes
+        # behind one. Never pooled with any (see `buffered_bytes`).
+        self._buffer = bytearray()
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes read from the relay and held for the next receive (half a line, or what
+        came behind one). A channel given back with any is not pooled again."""
+        return len(self._buffer)
+
+    async def send_line(self, line: bytes | bytearray | memoryview) -> None:
+        """Send one line: ``line`` and a newline (``line`` itself must contain none).
+
+        Raises:
+            ValueError: ``line`` contains a newline (it would be two messages).
+            TypeError: ``line`` is not bytes (encode text first).
+            And those of `send_all`.
+        """
+        if isinstance(line, str):
+            raise TypeError("send_line takes bytes; encode the text first")
+        if b"\n" in line:
+            raise ValueError("send_line: the line contains a newline (b'\\n'), it would be two")
+        await self.send_all(bytes(line) + b"\n")
+
+    async def receive_line(self) -> bytes:
+        """Receive one whole line from the relay: the bytes up to the next newline, without
+        it; what came behind it waits for the next call.
+
+        Raises:
+            ProtocolError: The line is longer than `max_line_length` (the channel is
+                discarded and the relay held responsible).
+            trio.BrokenResourceError: The relay closed the connection before a whole line
+                came (held against it when a request was unanswered or a line half sent).
+            And those of `receive_some`.
+        """
+        buffer, limit = self._buffer, self.max_line_length
+        if buffer:
+            await trio.lowlevel.checkpoint()  # (it may return without reading)
+        else:
+            data = await self._receive(None)
+            end = data.find(b"\n")
+            if 0 <= end == len(data) - 1 and end <= limit:  # the common case: one read,
+                return bytes(data[:end])  # one whole reply
+            if not data:
+                raise self._ended_mid_line()
+            buffer += data
+        scanned = 0
+        while True:
+            end = buffer.find(b"\n", scanned)
+            if end >= 0:
+                if end > limit:
+                    self._line_too_long()
+                line = bytes(buffer[:end])
+                del buffer[: end + 1]
+                return line
+            if len(buffer) > limit:
+                self._line_too_long()
+            scanned = len(buffer)
+            data = await self._receive(None)
+            if not data:
+                raise self._ended_mid_line()
+            buffer += data
+
+    def _line_too_long(self) -> NoReturn:
+        self._buffer.clear()
+        self._fail("too_big")
+        raise ProtocolError(
+            str(self.endpoint),
+            f"a line longer than max_line_length={self.max_line_length} bytes",
+        )
+
+    def _ended_mid_line(self) -> trio.BrokenResourceError:
+        if self._buffer:
+            self._buffer.clear()
+            self._fail("dropped")  # it hung up halfway through a message
+            return trio.BrokenResourceError(f"{self.endpoint} closed the connection mid-line")
+        return trio.BrokenResourceError(f"{self.endpoint} closed the connection")
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt and send all of ``data``. See `trio.abc.SendStream.send_all`."""
@@ -317,8 +442,19 @@ class SecureChannel(Channel, trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         """Receive and decrypt some data; ``b""`` at end-of-file.
 
-        See `trio.abc.ReceiveStream.receive_some`.
+        What `receive_line` read behind a line comes first. See
+        `trio.abc.ReceiveStream.receive_some`.
         """
+        buffer = self._buffer
+        if buffer and not self._closed:
+            await trio.lowlevel.checkpoint()
+            size = len(buffer) if max_bytes is None else min(max_bytes, len(buffer))
+            data = bytes(buffer[:size])
+            del buffer[:size]
+            return data
+        return await self._receive(max_bytes)
+
+    async def _receive(self, max_bytes: int | None) -> bytes | bytearray:
         if self._closed:
             await self._raise_closed()
         try:
@@ -354,7 +490,7 @@ class SecureChannel(Channel, trio.abc.Stream):
         with one ``poll()``. Streams not backed by a socket (custom transports) report
         only what TLS holds. TLS 1.3 session tickets count too (see `settle`).
         """
-        if self._closed or self._tls_pending():
+        if self._closed or self._buffer or self._tls_pending():
             return True
         incoming = self._tls_incoming
         if incoming is not None and incoming.pending:

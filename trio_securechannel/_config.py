@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, TypedDict, cast, final
 
 import trio
 
+from ._channel import MAX_LINE_LENGTH
+from ._pinning import check_pins
 from ._tls import check_client_context
 
 if TYPE_CHECKING:
@@ -19,6 +21,13 @@ if TYPE_CHECKING:
 
 #: Opens the byte stream TLS runs over (default `trio.open_tcp_stream`), e.g. through a proxy.
 OpenTransport = Callable[[str, int], Awaitable[trio.abc.Stream]]
+
+#: Runs on each new channel before it is lent or pooled (``setup``); given the channel.
+Setup = Callable[[Any], Awaitable[None]]
+
+#: Public-key pins per relay (``pins``): ``{"host:port": "sha256/..."}``, or several pins
+#: per relay in a list (the current key and the next one).
+Pins = Mapping[str, str | Sequence[str]]
 
 _METRIC_PREFIX = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 # An HTTP token (RFC 9110): header names and WebSocket subprotocols.
@@ -61,6 +70,20 @@ class PoolConfig:
             (None: no limit).
         cleanup_interval: Seconds between cleanup passes (stale, idle and old channels).
         shutdown_timeout: Seconds the pool's exit may spend closing channels gracefully.
+        setup: ``await setup(channel)`` runs on each new channel after its handshake,
+            before it is lent or pooled as a spare, within its own ``connect_timeout``:
+            the first exchange a relay's protocol requires (Electrum's ``server.version``).
+            Any exception it raises, or running out of time, is a failure to connect
+            (`ConnectError` with phase ``"setup"``, counted for the breaker); it must leave
+            the channel at a message boundary (every reply read).
+        max_line_length: The longest line `SecureChannel.receive_line` accepts from a
+            relay, in bytes; a longer one raises `ProtocolError`.
+        pins: Trust these relays by their public key instead of a CA: ``{"host:port":
+            "sha256/<base64>"}`` (a list for several keys), the SHA-256 of the
+            certificate's SubjectPublicKeyInfo, as HPKP and Electrum clients pin
+            self-signed relays (`public_key_pin` computes it). Checked on every
+            handshake; a relay that shows another key fails (`ConnectError`, phase
+            ``"pin"``). Relays not named are verified as usual.
         open_transport: ``await open_transport(host, port)`` returns the stream TLS runs
             over; None is `trio.open_tcp_stream`. Use it to go through a proxy.
         breaker_failure_threshold: Consecutive failures (failed connects or handshakes,
@@ -96,6 +119,9 @@ class PoolConfig:
     max_lifetime: float | None = None
     cleanup_interval: float = 5.0
     shutdown_timeout: float = 5.0
+    setup: Setup | None = None
+    max_line_length: int = MAX_LINE_LENGTH
+    pins: Pins = field(default_factory=dict, repr=False)  # normalised to ((host, port), digests)
     open_transport: OpenTransport | None = None
     breaker_failure_threshold: int = 5
     breaker_cooldown: float = 60.0
@@ -133,6 +159,10 @@ class PoolConfig:
             check_seconds("max_lifetime", self.max_lifetime, positive=True)
         check_seconds("cleanup_interval", self.cleanup_interval, positive=True, finite=True)
         check_seconds("shutdown_timeout", self.shutdown_timeout, finite=True)
+        if self.setup is not None and not callable(self.setup):
+            raise TypeError(f"setup must be an async callable, got {self.setup!r}")
+        _check_int("max_line_length", self.max_line_length, minimum=1)
+        object.__setattr__(self, "pins", check_pins(self.pins))
         if self.open_transport is not None and not callable(self.open_transport):
             raise TypeError(f"open_transport must be callable, got {self.open_transport!r}")
         _check_int("breaker_failure_threshold", self.breaker_failure_threshold, minimum=1)
@@ -173,6 +203,12 @@ class PoolConfig:
         )
         _check_int("websocket_max_message_size", self.websocket_max_message_size, minimum=1)
 
+    @property
+    def pinned(self) -> dict[tuple[str, int], tuple[bytes, ...]]:
+        """The pinned relays' ``(host, port)``, each with the SHA-256 digests its public
+        key may have."""
+        return dict(cast("tuple[tuple[tuple[str, int], tuple[bytes, ...]], ...]", self.pins))
+
     def websocket_header_pairs(self) -> list[tuple[bytes, bytes]]:
         """``websocket_headers`` as the upgrade sends them."""
         pairs = cast("tuple[tuple[str, str], ...]", self.websocket_headers)  # (normalised)
@@ -201,6 +237,9 @@ class PoolOptions(TypedDict, total=False):
     max_lifetime: float | None
     cleanup_interval: float
     shutdown_timeout: float
+    setup: Setup | None
+    max_line_length: int
+    pins: Pins
     open_transport: OpenTransport | None
     breaker_failure_threshold: int
     breaker_cooldown: float

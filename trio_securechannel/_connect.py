@@ -2,12 +2,14 @@
 deadline.
 
 Only failures to connect become `ConnectError` (which the pool feeds to its circuit
-breaker): transport and TLS errors, the WebSocket upgrade's, and ``connect_timeout``.
+breaker): transport and TLS errors, a pinned key that does not match, the WebSocket
+upgrade's, ``connect_timeout``, and whatever the ``setup`` exchange raises.
 Anything else is a bug, ours or in a custom ``open_transport``, and propagates as itself.
 """
 
 from __future__ import annotations
 
+import inspect
 import ssl
 import sys
 from collections.abc import Callable
@@ -16,9 +18,10 @@ from typing import cast
 import trio
 
 from ._channel import Channel, SecureChannel
-from ._config import PoolConfig
+from ._config import PoolConfig, Setup
 from ._endpoint import Endpoint
 from ._errors import ConnectError
+from ._pinning import check_pin, pinned_context
 from ._tls import check_client_context
 from ._tls_buffers import TlsBuffers
 from ._websocket import UpgradeFailed, WebSocketChannel, start_session
@@ -53,7 +56,11 @@ async def open_channel(
     """
     if endpoint.is_websocket and nursery is None:
         raise RuntimeError("a WebSocket channel needs a nursery for its session's task")
-    _check_still_safe(ssl_context)
+    pins = config.pinned.get((endpoint.host, endpoint.port))
+    if pins:
+        ssl_context = pinned_context(ssl_context)  # the pin, checked below, is the trust
+    else:
+        _check_still_safe(ssl_context)
     name = str(endpoint)
     tls_buffers = TlsBuffers(ssl_context)
     session = None
@@ -67,6 +74,8 @@ async def open_channel(
                 tls = cast("ssl.SSLContext", tls_buffers)
                 ssl_stream = trio.SSLStream(transport, tls, server_hostname=endpoint.host)
                 await _handshake(ssl_stream, name)
+                if pins:  # before a byte is sent
+                    check_pin(ssl_stream.getpeercert(binary_form=True), pins, name)
                 if nursery is not None and endpoint.is_websocket:
                     session = await start_session(nursery, ssl_stream, endpoint, config)
             except BaseException:
@@ -80,23 +89,67 @@ async def open_channel(
     except UpgradeFailed as exc:
         raise ConnectError(name, "websocket", str(exc)) from exc.__cause__
     handshake_seconds = trio.current_time() - handshake_began
+    channel: Channel
     if session is not None:
-        return WebSocketChannel(
+        channel = WebSocketChannel(
+            ssl_stream, endpoint, session, handshake_seconds=handshake_seconds
+        )
+    else:
+        channel = SecureChannel(
             ssl_stream,
             endpoint,
-            session,
-            on_error=on_error,
-            on_trial_answered=on_trial_answered,
             handshake_seconds=handshake_seconds,
+            tls_buffers=tls_buffers,
+            max_line_length=config.max_line_length,
         )
-    return SecureChannel(
-        ssl_stream,
-        endpoint,
-        on_error=on_error,
-        on_trial_answered=on_trial_answered,
-        handshake_seconds=handshake_seconds,
-        tls_buffers=tls_buffers,
-    )
+    if config.setup is not None:
+        await _set_up(channel, config.setup, config.connect_timeout)
+    # Only now does the pool hear of the channel's failures: the setup's are the connect's.
+    channel.report_to(on_error, on_trial_answered)
+    return channel
+
+
+async def _set_up(channel: Channel, setup: Setup, time_limit: float) -> None:
+    """Run ``setup`` on a new channel within ``time_limit``; on any failure close the channel
+    and raise `ConnectError` (phase ``"setup"``), or the cancellation as it is."""
+    name = str(channel.endpoint)
+    misuse: TypeError | None = None
+    try:
+        with trio.move_on_after(time_limit) as scope:
+            exchange = setup(channel)
+            if not inspect.isawaitable(exchange):  # our user's mistake, not the relay's
+                misuse = TypeError(f"setup must be an async function, got {setup!r}")
+                raise misuse
+            await exchange
+        if scope.cancelled_caught:
+            raise ConnectError(
+                name, "setup", f"setup did not finish within connect_timeout={time_limit:g}s"
+            )
+        unfinished = _left_unfinished(channel)
+        if unfinished:
+            raise ConnectError(name, "setup", f"setup left the channel {unfinished}")
+    except BaseException as exc:
+        with trio.CancelScope() as cancelled:  # forcefully, as trio.aclose_forcefully
+            cancelled.cancel()
+            await channel.aclose()
+        if isinstance(exc, Exception) and not isinstance(exc, ConnectError) and exc is not misuse:
+            raise ConnectError(
+                name, "setup", f"setup failed: {type(exc).__name__}: {_describe(exc)}"
+            ) from exc
+        raise
+
+
+def _left_unfinished(channel: Channel) -> str | None:
+    """How ``setup`` left a channel unfit to lend, if it did."""
+    if channel.spent is not None:
+        return f"unusable ({channel.spent})"
+    if channel.unanswered:
+        return "with a request unanswered (read every reply in setup)"
+    if channel.buffered_bytes:
+        return f"with {channel.buffered_bytes} bytes unread (read every reply in setup)"
+    if not channel.settle():  # a reply waiting in TLS, on the socket, or a message queued
+        return "with a reply unread (read every reply in setup)"
+    return None
 
 
 def _check_still_safe(ssl_context: ssl.SSLContext) -> None:

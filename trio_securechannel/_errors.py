@@ -44,8 +44,8 @@ class PoolExhausted(SecureChannelError):
 
 @final
 class ConnectError(SecureChannelError):
-    """Opening a channel failed: TCP connect, TLS handshake, WebSocket upgrade or
-    ``connect_timeout``.
+    """Opening a channel failed: TCP connect, TLS handshake, pinned key, WebSocket upgrade,
+    ``setup`` or ``connect_timeout``.
 
     ``__cause__`` keeps the underlying error (an `OSError`, an `ssl.SSLError` such as
     `ssl.SSLCertVerificationError`, ...) except for timeouts, which have none.
@@ -53,7 +53,9 @@ class ConnectError(SecureChannelError):
     Attributes:
         endpoint: The relay, as ``host:port`` (or its ``wss://`` URL).
         phase: Where it failed: ``"tcp"`` (connect, DNS), ``"tls"`` (handshake, certificate),
-            ``"websocket"`` (the upgrade of a ``wss://`` channel was refused or garbled),
+            ``"pin"`` (a pinned relay showed another public key), ``"websocket"`` (the
+            upgrade of a ``wss://`` channel was refused or garbled), ``"setup"`` (the
+            ``setup`` exchange failed or ran out of time; its error is the ``__cause__``),
             ``"timeout"`` (``connect_timeout`` ran out) or ``"dropped"`` (the relay hung up,
             or spoke unasked, right after the handshake: seen by the spare keeper, which
             logs it, never by a checkout).
@@ -120,3 +122,23 @@ class RequestTimeout(SecureChannelError, TimeoutError):
             " (counted against the relay; the channel was discarded); raise"
             " request_timeout, or pass timeout=math.inf to a checkout that waits on purpose"
         )
+
+
+@final
+class ProtocolError(SecureChannelError):
+    """A relay broke the message framing or the protocol spoken over a channel: a line
+    longer than ``max_line_length``, a reply that is not what the protocol allows.
+
+    Raised by the call that read it. The channel is discarded and the relay is held
+    responsible (counted once as an error, and as a failure by its circuit breaker).
+
+    Attributes:
+        endpoint: The relay.
+        reason: One line saying what was wrong.
+    """
+
+    def __init__(self, endpoint: str, reason: str) -> None:
+        self._args = (endpoint, reason)
+        self.endpoint = endpoint
+        self.reason = reason
+        super().__init__(f"{endpoint} broke the protocol: {reason} (the channel was discarded)")

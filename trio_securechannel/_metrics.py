@@ -64,9 +64,11 @@ class PoolCollector(Collector):
         errors = family(
             CounterMetricFamily,
             "errors",
-            "Failures: connect phases (tcp, tls, websocket, timeout) and errors on lent"
-            " channels (io; ws_close: the relay closed a lent WebSocket; too_big: a message"
-            " over websocket_max_message_size).",
+            "Failures: connect phases (tcp, tls, pin, websocket, setup, timeout) and errors"
+            " on lent channels (io; dropped: the relay hung up on a request; timeout: no"
+            " reply within request_timeout; protocol: a reply that broke the protocol;"
+            " ws_close: the relay closed a lent WebSocket; too_big: a line or message over"
+            " its limit).",
             "kind",
         )
         exhausted = family(

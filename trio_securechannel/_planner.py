@@ -229,6 +229,8 @@ class Planner:
             reason = channel.spent
         elif channel.unanswered:
             reason = "unanswered"
+        elif channel.buffered_bytes:
+            reason = "unread data"  # not at a message boundary: the rest is someone's reply
         elif max_lifetime is not None and now - channel.opened_at >= max_lifetime:
             reason = "lifetime"
         else:

@@ -244,7 +244,9 @@ def open_pool(
     if config is not None and not isinstance(config, PoolConfig):
         raise TypeError(f"config must be a PoolConfig, got {type(config).__name__}")
     base = config if config is not None else PoolConfig()
-    return _run_pool(endpoints, base.replace(**options) if options else base)
+    config = base.replace(**options) if options else base
+    _check_pinned_relays(config, endpoints)
+    return _run_pool(endpoints, config)
 
 
 def _parse_targets(target: object) -> list[Endpoint]:
@@ -256,6 +258,16 @@ def _parse_targets(target: object) -> list[Endpoint]:
             raise ValueError(f"target: the same relay twice in {target!r}")
         return endpoints
     return [Endpoint.parse(target)]
+
+
+def _check_pinned_relays(config: PoolConfig, endpoints: list[Endpoint]) -> None:
+    """A pin for a relay the pool does not have is a typo that would leave the real one
+    unpinned: refuse it."""
+    addresses = {(endpoint.host, endpoint.port) for endpoint in endpoints}
+    for host, port in config.pinned:
+        if (host, port) not in addresses:
+            named = Endpoint(host, port)
+            raise ValueError(f"pins: {named} is not one of the pool's relays")
 
 
 @asynccontextmanager

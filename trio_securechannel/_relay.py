@@ -76,6 +76,9 @@ class Relay:
         self._name = str(endpoint)
         self._nursery = nursery  # the pool's: WebSocket channels' tasks run there
         self._books = Slots(config.max_connections, on_slot_freed=self._released)
+        # How long opening a channel may take: the handshake's connect_timeout, and as
+        # long again for the setup exchange, if any.
+        self._open_limit = config.connect_timeout * (2 if config.setup is not None else 1)
         self.breaker = CircuitBreaker(
             self._name,
             failure_threshold=config.breaker_failure_threshold,
@@ -84,7 +87,7 @@ class Relay:
             # A trial permit is good for a connect, with as long again to spare: the
             # connect's own timeout, not the permit's end, must decide (a lease with a
             # time limit extends it in the same way).
-            trial_timeout=2 * config.connect_timeout,
+            trial_timeout=self._open_limit + config.connect_timeout,
             on_transition=self._breaker_moved,
         )
         self._planner = Planner(self._books, self.breaker, config)
@@ -246,7 +249,9 @@ class Relay:
                 raise CircuitOpen(self._name, self.retry_after(trio.current_time()))
             if trial is not None:  # (it may have waited in line): a connect from now
                 now = trio.current_time()
-                self.breaker.extend_trial(trial, now + 2 * self.config.connect_timeout)
+                self.breaker.extend_trial(
+                    trial, now + self._open_limit + self.config.connect_timeout
+                )
             try:
                 channel = await open_channel(
                     self.endpoint,

@@ -1,0 +1,222 @@
+"""A JSON-RPC 2.0 relay for the tests: newline-delimited over TLS, or a message per frame
+over ``wss://``, on 127.0.0.1.
+
+Its methods are what the tests need to provoke: ``server.ping``, ``echo`` (returns its
+params), ``blob`` (a string of N bytes), ``fail`` (an error object), ``garbage`` (a line
+that is not JSON), ``wrong_id``, ``neither`` (a reply with no result and no error),
+``half_line`` (half a reply, then it hangs up), ``endless`` (bytes with no newline, until
+the client goes), ``sleep``, and ``subscribe`` (then `notify` pushes to every subscribed
+session); a method named in `failing` is answered with an error. With ``electrum_rules``
+it behaves as Electrum servers do: anything before ``server.version`` ends the session.
+With ``chunk`` set, every reply leaves in pieces of that many bytes, each its own TLS
+record, so no reply fits one read.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections import Counter
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
+
+ERROR_CODE = -32001
+
+
+class HangUp(Exception):
+    """The session ends here (as Electrum servers do on a message before server.version)."""
+
+
+class _Session:
+    def __init__(self, relay: JsonRpcRelay, send: Any) -> None:
+        self.relay = relay
+        self.send = send  # async (text) -> None: one message
+        self.negotiated = False
+        self.subscribed = False
+
+    async def handle(self, text: str | bytes) -> None:
+        relay = self.relay
+        try:
+            request = json.loads(text)
+        except ValueError:
+            await self.send(json.dumps(_error(None, -32700, "parse error")))
+            return
+        if isinstance(request, list):
+            relay.batches += 1
+            replies = [await self.answer(item) for item in request]
+            await self.send(json.dumps([reply for reply in reversed(replies) if reply]))
+            return
+        reply = await self.answer(request)
+        if reply is not None:
+            await self.send(reply if isinstance(reply, str) else json.dumps(reply))
+
+    async def answer(self, request: dict[str, Any]) -> Any:
+        relay = self.relay
+        method, params, id_ = request["method"], request.get("params", []), request.get("id")
+        relay.calls[method] += 1
+        if relay.electrum_rules and not self.negotiated and method != "server.version":
+            raise HangUp
+        if method in relay.failing:
+            return _error(id_, ERROR_CODE, f"{method} failed, as the test asked")
+        if method == "server.ping":
+            return _result(id_, None)
+        if method == "server.version":
+            self.negotiated = True
+            relay.negotiated += 1
+            if params[1] == "0.1":
+                return _error(id_, 1, "unsupported protocol version: 0.1")
+            return _result(id_, ["jsonrpc-relay 1.0", "1.4"])
+        if method == "echo":
+            return _result(id_, params)
+        if method == "blob":
+            return _result(id_, "x" * params[0])
+        if method == "fail":
+            return _error(id_, ERROR_CODE, "it failed", {"why": "asked to"})
+        if method == "garbage":
+            return "this is not JSON"
+        if method == "wrong_id":
+            return _result((id_ or 0) + 1000, None)
+        if method == "neither":
+            return {"jsonrpc": "2.0", "id": id_}
+        if method == "half_line":  # half a reply, then the session ends
+            await self.send('{"jsonrpc": "2.0", "id": ', newline=False)
+            raise HangUp
+        if method == "endless":
+            while True:
+                await self.send("x" * 65536, newline=False)
+        if method == "sleep":
+            await trio.sleep(params[0])
+            return _result(id_, "slept")
+        if method == "subscribe":
+            self.subscribed = True
+            relay.subscribers.add(self)
+            return _result(id_, "subscribed")
+        return _error(id_, -32601, f"unknown method {method}")
+
+
+def _result(id_: Any, result: Any) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": id_, "result": result}
+
+
+def _error(id_: Any, code: int, message: str, data: Any = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    return {"jsonrpc": "2.0", "id": id_, "error": error}
+
+
+class JsonRpcRelay:
+    """Serve with ``await nursery.start(relay.serve_tls)`` or ``relay.serve_wss``."""
+
+    def __init__(self, server_context: ssl.SSLContext, *, electrum_rules: bool = False) -> None:
+        self.server_context = server_context
+        self.electrum_rules = electrum_rules
+        self.chunk: int | None = None  # send replies in pieces this big
+        self.port = 0
+        self.over_websocket = False
+        self.sessions = 0
+        self.negotiated = 0  # sessions that sent server.version
+        self.hung_up = 0  # sessions ended for breaking Electrum's rules
+        self.batches = 0
+        self.failing: set[str] = set()  # methods answered with an error object
+        self.calls: Counter[str] = Counter()
+        self.subscribers: set[_Session] = set()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"wss://127.0.0.1:{self.port}/rpc"
+
+    @property
+    def address(self) -> str:
+        """What a pool is given: `url` once serving ``wss://``, else `target`."""
+        return self.url if self.over_websocket else self.target
+
+    async def notify(self, method: str, *params: Any) -> int:
+        """Push a notification to every subscribed session; how many it reached."""
+        message = json.dumps({"jsonrpc": "2.0", "method": method, "params": list(params)})
+        reached = 0
+        for session in list(self.subscribers):
+            try:
+                await session.send(message)
+                reached += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
+                self.subscribers.discard(session)
+        return reached
+
+    async def serve_tls(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        tls = [trio.SSLListener(listener, self.server_context) for listener in listeners]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._handle_tls, tls)
+            task_status.started()
+
+    async def _handle_tls(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        self.sessions += 1
+        lock = trio.Lock()  # notifications and replies must not interleave mid-line
+
+        async def send(text: str, *, newline: bool = True) -> None:
+            data = text.encode() + (b"\n" if newline else b"")
+            async with lock:
+                if self.chunk is None:
+                    await stream.send_all(data)
+                    return
+                for start in range(0, len(data), self.chunk):
+                    await stream.send_all(data[start : start + self.chunk])
+                    await trio.sleep(0.001)  # apart, so each piece is read on its own
+
+        session = _Session(self, send)
+        buffer = b""
+        try:
+            while data := await stream.receive_some():
+                buffer += data
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    await session.handle(line)
+        except HangUp:
+            self.hung_up += 1
+            with trio.move_on_after(1):
+                await stream.aclose()  # a TLS close_notify, as a server that ends a session
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away
+        finally:
+            self.subscribers.discard(session)
+            await trio.aclose_forcefully(stream)
+
+    async def serve_wss(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                serve_websocket, self._handle_ws, "127.0.0.1", 0, self.server_context
+            )
+            self.port = server.port
+            self.over_websocket = True
+            task_status.started()
+
+    async def _handle_ws(self, request: WebSocketRequest) -> None:
+        connection = await request.accept()
+        self.sessions += 1
+
+        async def send(text: str, *, newline: bool = True) -> None:
+            await connection.send_message(text)
+
+        session = _Session(self, send)
+        try:
+            while True:
+                await session.handle(await connection.get_message())
+        except HangUp:
+            self.hung_up += 1
+            await connection.aclose()
+        except ConnectionClosed:
+            pass
+        finally:
+            self.subscribers.discard(session)
