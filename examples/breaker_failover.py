@@ -97,8 +97,8 @@ async def main() -> list[str]:
                     pool = active
                     try:
                         async with pool.connection() as channel:
-                            await channel.send_all(b"tx")
-                            await channel.receive_some()
+                            await channel.send_line(b"tx")
+                            await channel.receive_line()  # one whole reply
                         served_by.append("primary" if pool is main_pool else "backup")
                     except (sc.SecureChannelError, trio.BrokenResourceError) as exc:
                         served_by.append(f"failed ({type(exc).__name__})")

@@ -1,8 +1,9 @@
 """A small stand-in Electrum server: newline-delimited JSON-RPC over TLS, on 127.0.0.1.
 
-It answers ``server.version``, ``server.ping`` and ``blockchain.headers.subscribe`` (then
-pushes a new header a moment later, as a real server does when a block arrives), which is
-enough to show and test a client without touching the network.
+It answers ``server.version`` (which, as on real servers, must come first in a session),
+``server.features``, ``server.ping`` and ``blockchain.headers.subscribe`` (then pushes a new
+header a moment later, as a real server does when a block arrives), which is enough to
+show and test a client without touching the network.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ async def serve_electrum(
 
     async def handle(stream: trio.SSLStream[trio.SocketStream]) -> None:
         buffer = b""
+        negotiated = False
         async with trio.open_nursery() as nursery:
             try:
                 while data := await stream.receive_some():
@@ -35,6 +37,10 @@ async def serve_electrum(
                     while b"\n" in buffer:
                         line, buffer = buffer.split(b"\n", 1)
                         request = json.loads(line)
+                        if not negotiated and request["method"] != "server.version":
+                            await stream.aclose()  # as real servers do: version first
+                            return
+                        negotiated = True
                         await send(stream, {"jsonrpc": "2.0", "id": request["id"],
                                             "result": answer(request)})  # fmt: skip
                         if request["method"] == "blockchain.headers.subscribe":
@@ -57,6 +63,8 @@ def answer(request: dict[str, Any]) -> Any:
         return ["ElectrumX stand-in 1.16.0", "1.4"]
     if method == "server.ping":
         return None
+    if method == "server.features":
+        return {"server_version": "ElectrumX stand-in 1.16.0", "protocol_max": "1.4"}
     if method == "blockchain.headers.subscribe":
         return {"height": TIP_HEIGHT, "hex": HEADER_HEX}
     return {"error": f"unknown method {method}"}

@@ -13,6 +13,10 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
+import trio_securechannel as sc
+
+from conftest import SERVER_CERT, make_server_context
+from jsonrpc_relay import JsonRpcRelay
 from relay import Relay, closed_port
 
 ENV = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
@@ -62,18 +66,73 @@ async def test_demo_with_the_relay_going_down_opens_the_breaker() -> None:
 
 
 async def test_probe_prints_the_certificate_facts(relay: Relay, ca_file: Path) -> None:
-    done = await cli("probe", f"127.0.0.1:{relay.port}", "--cafile", str(ca_file), "--count", "3")
+    done = await cli(
+        "probe", f"127.0.0.1:{relay.port}", "--cafile", str(ca_file), "--count", "3", "--send", "hi"
+    )
     out = done.stdout.decode()
     assert done.returncode == 0, done.stderr.decode()
     for fact in ("TLSv1.3", "TLS_", "trustme", "expires", "127.0.0.1, localhost, relay.test"):
         assert fact in out, fact
     assert "round trip ms (3)" in out
     report = json.loads(
-        (await cli("probe", f"127.0.0.1:{relay.port}", "--cafile", str(ca_file), "--json")).stdout
+        (
+            await cli(
+                "probe",
+                f"127.0.0.1:{relay.port}",
+                "--cafile",
+                str(ca_file),
+                "--json",
+                "--send",
+                "x",
+            )
+        ).stdout
     )
     assert report["tls_version"] == "TLSv1.3"
     assert report["round_trip_ms"]["count"] == 5
     assert report["subject_alt_names"] == ["127.0.0.1", "localhost", "relay.test"]
+
+
+async def test_probe_speaks_electrum_by_default(nursery: trio.Nursery, ca_file: Path) -> None:
+    # An Electrum server hangs up on a session that does not begin with server.version.
+    electrum = JsonRpcRelay(make_server_context(), electrum_rules=True)
+    await nursery.start(electrum.serve_tls)
+    done = await cli("probe", electrum.target, "--cafile", str(ca_file), "--json")
+    assert done.returncode == 0, done.stderr.decode()
+    report = json.loads(done.stdout)
+    assert report["server_version"] == ["jsonrpc-relay 1.0", "1.4"]
+    assert report["round_trip_ms"]["count"] == 5
+    assert electrum.calls["server.ping"] == 5
+    assert electrum.hung_up == 0
+    assert report["pin"] == sc.public_key_pin(SERVER_CERT.cert_chain_pems[0].bytes())
+
+
+async def test_probe_counts_an_error_reply_as_a_failure_and_shows_it(
+    nursery: trio.Nursery, ca_file: Path
+) -> None:
+    electrum = JsonRpcRelay(make_server_context(), electrum_rules=True)
+    electrum.failing.add("server.ping")
+    await nursery.start(electrum.serve_tls)
+    done = await cli("probe", electrum.target, "--cafile", str(ca_file))
+    assert done.returncode == 1
+    assert done.stderr.decode().splitlines() == [
+        f"error: {electrum.target} answered server.ping with error -32001:"
+        " server.ping failed, as the test asked"
+    ]
+
+
+async def test_probe_trusts_a_pinned_relay_and_refuses_a_wrong_pin(
+    nursery: trio.Nursery, relay: Relay
+) -> None:
+    # No --cafile: the system roots do not know the test CA; the pin alone vouches.
+    pin = sc.public_key_pin(SERVER_CERT.cert_chain_pems[0].bytes())
+    target = f"127.0.0.1:{relay.port}"
+    done = await cli("probe", target, "--pin", pin, "--send", "hi", "--json")
+    assert done.returncode == 0, done.stderr.decode()
+    assert json.loads(done.stdout)["pin"] == pin
+    wrong = "sha256/" + "A" * 43 + "="
+    done = await cli("probe", target, "--pin", wrong, "--send", "hi")
+    assert done.returncode == 1
+    assert f"its public key {pin} matches none of its pins" in done.stderr.decode()
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,9 @@ async def test_electrum_client_calls_and_follows_new_blocks() -> None:
     from electrum_standin import TIP_HEIGHT
 
     results = await electrum_client.main(server=None)
-    assert results["version"] == ["ElectrumX stand-in 1.16.0", "1.4"]
+    assert results["features"]["server_version"] == "ElectrumX stand-in 1.16.0"
+    assert results["ping"] is None
+    assert results["status"]["opened_total"] >= 2  # two calls at once: two sessions
     assert results["tip"]["height"] == TIP_HEIGHT
     assert results["next"]["height"] == TIP_HEIGHT + 1  # pushed on the held channel
     assert results["status"]["in_use"] == 0

@@ -24,7 +24,9 @@ _PROBE_EXAMPLES = """\
 examples:
   trio-securechannel probe electrum.blockstream.info:50002
   trio-securechannel probe relay.example.com:443 --cafile company-ca.pem --count 20
-  trio-securechannel probe [2001:db8::7]:50002 --send '{"id": 1, "method": "server.ping"}' --json
+  trio-securechannel probe [2001:db8::7]:50002 --json
+  trio-securechannel probe relay.example.com:7000 --send PING          # a line protocol
+  trio-securechannel probe electrum.example.org:50002 --pin sha256/...  # self-signed
   trio-securechannel probe wss://relay.example.com/ws
 """
 _BENCH_EXAMPLES = """\
@@ -66,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         "probe",
         help="connect to a real relay and report its TLS facts and latency",
         description="Connect to HOST:PORT (or a wss:// URL) with verified TLS, print the "
-        "TLS version, cipher, certificate and latencies; exit non-zero with one line on "
-        "failure.",
+        "TLS version, cipher, certificate, key pin and latencies; exit non-zero with one "
+        "line on failure. A raw TLS relay is spoken to as an Electrum server (server.version "
+        "then server.ping) unless --send is given; a wss:// relay is pinged.",
         epilog=_PROBE_EXAMPLES,
         formatter_class=formatter,
     )
@@ -76,8 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--count", type=_positive_int, default=5, help="round trips (5)")
     probe.add_argument(
         "--send",
-        default='{"jsonrpc": "2.0", "method": "server.ping", "id": 0}',
-        help="what to send each round trip, a line (default: an Electrum server.ping)",
+        metavar="LINE",
+        help="send this line each round trip and read one line back, instead of the"
+        " default Electrum exchange (server.version, then server.ping calls)",
+    )
+    probe.add_argument(
+        "--pin",
+        metavar="sha256/BASE64",
+        help="trust the relay by this public-key pin instead of a CA (a self-signed relay)",
     )
     probe.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds (10)")
     probe.add_argument("--json", action="store_true", help="machine-readable output")

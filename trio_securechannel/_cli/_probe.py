@@ -14,6 +14,10 @@ from rich.console import Console
 from rich.table import Table
 
 import trio_securechannel as sc
+from trio_securechannel.jsonrpc import JsonRpcChannel
+
+#: The Electrum protocol versions the probe offers in ``server.version``.
+ELECTRUM = ["1.4", "1.4.2"]
 
 
 def probe(args: argparse.Namespace) -> int:
@@ -43,12 +47,18 @@ async def _probe(args: argparse.Namespace) -> dict[str, Any]:
     endpoint = sc.Endpoint.parse(args.target)  # ValueError: a usage error
     # Reading the system's roots is file I/O: off the event loop.
     context = await trio.to_thread.run_sync(sc.load_root_store, args.cafile)
+    electrum = args.send is None and not endpoint.is_websocket
+    greeting: list[Any] = []
     options: dict[str, Any] = {
         "ssl_context": context,
         "max_connections": 1,
         "connect_timeout": args.timeout,
         "breaker_failure_threshold": 1000,  # a probe reports failures, it does not back off
     }
+    if args.pin:
+        options["pins"] = {args.target: args.pin}
+    if electrum:  # Electrum servers hang up on a session that does not begin with this
+        options["setup"] = _say_hello(greeting)
     async with sc.open_pool(args.target, **options) as pool:
         began = trio.current_time()
         lease = pool.websocket() if endpoint.is_websocket else pool.connection()
@@ -56,23 +66,45 @@ async def _probe(args: argparse.Namespace) -> dict[str, Any]:
             connect_ms = (trio.current_time() - began) * 1000
             report = _tls_facts(channel, connect_ms)
             with trio.fail_after(args.timeout):
-                if isinstance(channel, sc.SecureChannel):
-                    samples = await _round_trips(channel, args.send.encode() + b"\n", args.count)
-                else:
+                if isinstance(channel, sc.WebSocketChannel):
                     samples = await _websocket_pings(channel, args.count)
+                elif electrum:
+                    samples = await _electrum_pings(channel, args.count)
+                else:
+                    samples = await _round_trips(channel, args.send.encode(), args.count)
             report["round_trip_ms"] = _percentiles(samples)
             if endpoint.websocket_path is not None:
                 report["websocket"] = endpoint.websocket_path
+            if greeting:
+                report["server_version"] = greeting[0]
     return report
 
 
-async def _round_trips(channel: sc.SecureChannel, payload: bytes, count: int) -> list[float]:
+def _say_hello(greeting: list[Any]) -> Any:
+    async def server_version(channel: sc.Channel) -> None:
+        rpc = JsonRpcChannel(channel)
+        greeting.append(await rpc.call("server.version", "trio-securechannel probe", ELECTRUM))
+
+    return server_version
+
+
+async def _electrum_pings(channel: sc.SecureChannel, count: int) -> list[float]:
+    """``server.ping`` calls; an error reply fails the probe (`RpcError`), with its message."""
+    rpc = JsonRpcChannel(channel)
     samples = []
     for _ in range(count):
         began = time.perf_counter()
-        await channel.send_all(payload)
-        if not await channel.receive_some():
-            raise trio.BrokenResourceError("closed")
+        await rpc.call("server.ping")
+        samples.append((time.perf_counter() - began) * 1000)
+    return samples
+
+
+async def _round_trips(channel: sc.SecureChannel, line: bytes, count: int) -> list[float]:
+    samples = []
+    for _ in range(count):
+        began = time.perf_counter()
+        await channel.send_line(line)
+        await channel.receive_line()  # one whole line, however long
         samples.append((time.perf_counter() - began) * 1000)
     return samples
 
@@ -88,7 +120,8 @@ async def _websocket_pings(channel: sc.WebSocketChannel, count: int) -> list[flo
 
 def _tls_facts(channel: sc.Channel, connect_ms: float) -> dict[str, Any]:
     stream = channel.ssl_stream
-    cert = stream.getpeercert() or {}
+    cert = stream.getpeercert() or {}  # (empty for a pinned relay: nothing was verified)
+    der = stream.getpeercert(binary_form=True)
     cipher = stream.cipher()
     return {
         "target": str(channel.endpoint),
@@ -98,6 +131,7 @@ def _tls_facts(channel: sc.Channel, connect_ms: float) -> dict[str, Any]:
         "issuer": _name(cert.get("issuer", ())),
         "not_after": cert.get("notAfter"),
         "subject_alt_names": [value for _, value in cert.get("subjectAltName", ())],
+        "pin": sc.public_key_pin(der) if der else None,  # for pins=, or --pin
         "connect_and_handshake_ms": round(connect_ms, 3),
         "handshake_ms": round(channel.handshake_seconds * 1000, 3),
     }
@@ -123,11 +157,13 @@ def _print(report: dict[str, Any]) -> None:
     table.add_column(style="bold")
     table.add_column()
     for key, label in [("tls_version", "TLS"), ("cipher", "cipher"), ("subject", "subject"),
-                       ("issuer", "issuer"), ("not_after", "expires"),
+                       ("issuer", "issuer"), ("not_after", "expires"), ("pin", "key pin"),
                        ("connect_and_handshake_ms", "connect + handshake ms"),
                        ("handshake_ms", "TLS handshake ms")]:  # fmt: skip
         table.add_row(label, str(report[key]))
     table.add_row("names", ", ".join(report["subject_alt_names"]))
+    if "server_version" in report:
+        table.add_row("server.version", " ".join(map(str, report["server_version"])))
     rtt = report["round_trip_ms"]
     spread = f"p50 {rtt['p50']}  p90 {rtt['p90']}  p99 {rtt['p99']}  max {rtt['max']}"
     table.add_row(f"round trip ms ({rtt['count']})", spread)
