@@ -40,6 +40,8 @@ class FeedClient:
     async def next_blocks(self, count: int) -> list[dict[str, Any]]:
         """Subscribe, then return the next ``count`` blocks the relay announces."""
         async with self._pool.websocket() as channel:  # held while we listen
+            # The relay keeps pushing to a subscribed channel: never lend it to anyone else.
+            channel.retire_when_returned("subscribed")
             await self._request(channel, "subscribe", {"topic": "blocks"})
             return [json.loads(await channel.get_message()) for _ in range(count)]
 
@@ -48,7 +50,8 @@ class FeedClient:
         await channel.send_message(json.dumps({"id": request_id, "method": method, **params}))
         reply = json.loads(await channel.get_message())
         if reply.get("id") != request_id:
-            raise ValueError(f"reply to another request: {reply!r}")
+            channel.blame_relay()  # it broke the protocol: counted against it, not pooled
+            raise sc.ProtocolError(str(channel.endpoint), f"a reply to another request: {reply!r}")
         return reply["result"]
 
 

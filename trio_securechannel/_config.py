@@ -75,9 +75,12 @@ class PoolConfig:
             the first exchange a relay's protocol requires (Electrum's ``server.version``).
             Any exception it raises, or running out of time, is a failure to connect
             (`ConnectError` with phase ``"setup"``, counted for the breaker); it must leave
-            the channel at a message boundary (every reply read).
+            the channel at a message boundary (every reply read). A ``setup`` that is not
+            async raises `TypeError`, held against nobody.
         max_line_length: The longest line `SecureChannel.receive_line` accepts from a
-            relay, in bytes; a longer one raises `ProtocolError`.
+            relay, in bytes; a longer one raises `ProtocolError` and is held against the
+            relay (an error of kind ``"too_big"``, a failure for its breaker). Electrum
+            servers may send up to 8,100,000 bytes: raise it for large replies.
         pins: Trust these relays by their public key instead of a CA: ``{"host:port":
             "sha256/<base64>"}`` (a list for several keys), the SHA-256 of the
             certificate's SubjectPublicKeyInfo, as HPKP and Electrum clients pin
@@ -105,7 +108,8 @@ class PoolConfig:
         websocket_subprotocols: Subprotocols the upgrade offers, in order of preference
             (`WebSocketChannel.subprotocol` says which the relay chose).
         websocket_max_message_size: Largest message accepted from a relay, in bytes (or
-            characters); a larger one closes the channel's WebSocket (1009).
+            characters); a larger one closes the channel's WebSocket (1009) and is held
+            against the relay (``"too_big"``, as a line over ``max_line_length``).
     """
 
     ssl_context: ssl.SSLContext | None = None
