@@ -3,7 +3,8 @@ over ``wss://``, on 127.0.0.1.
 
 Its methods are what the tests need to provoke: ``server.ping``, ``echo`` (returns its
 params), ``blob`` (a string of N bytes), ``fail`` (an error object), ``garbage`` (a line
-that is not JSON), ``wrong_id``, ``neither`` (a reply with no result and no error),
+that is not JSON), ``nested`` (JSON nested too deep), ``wrong_id``, ``id_true``,
+``list_id``, ``null_id_error``, ``neither`` (a reply with no result and no error),
 ``half_line`` (half a reply, then it hangs up), ``endless`` (bytes with no newline, until
 the client goes), ``sleep``, and ``subscribe`` (then `notify` pushes to every subscribed
 session); a method named in `failing` is answered with an error. With ``electrum_rules``
@@ -78,6 +79,14 @@ class _Session:
             return "this is not JSON"
         if method == "wrong_id":
             return _result((id_ or 0) + 1000, None)
+        if method == "nested":  # valid JSON, nested deeper than any parser should go
+            return "[" * 100_000 + "]" * 100_000
+        if method == "id_true":  # true == 1 in Python, but not in JSON-RPC
+            return {"jsonrpc": "2.0", "id": True, "result": "for id true"}
+        if method == "list_id":
+            return _result([id_], None)
+        if method == "null_id_error":  # as a server answers what it could not parse
+            return _error(None, -32700, "parse error at the relay")
         if method == "neither":
             return {"jsonrpc": "2.0", "id": id_}
         if method == "half_line":  # half a reply, then the session ends

@@ -16,7 +16,7 @@ import trio
 import trio_securechannel as sc
 
 from conftest import make_server_context
-from helpers import books, echo
+from helpers import books, echo, wait_until
 from jsonrpc_relay import JsonRpcRelay
 from relay import Relay
 
@@ -127,16 +127,56 @@ async def test_receive_some_returns_what_receive_line_read_behind_a_line_first(
             assert again is channel  # read to the end: at a boundary
 
 
-async def test_a_line_over_max_line_length_is_refused_and_held_against_the_relay(
+async def test_a_line_over_max_line_length_is_refused_and_counted_but_opens_no_breaker(
     relay: Relay, client_context: ssl.SSLContext
 ) -> None:
+    # The limit is ours: a healthy relay's long reply must not lock everyone else out.
     async with sc.open_pool(relay.target, ssl_context=client_context, max_line_length=1024) as pool:
-        with pytest.raises(sc.ProtocolError, match="longer than max_line_length=1024"):
-            await call(pool, b"x" * 2000)
-        assert pool.status()["errors_by_kind"] == {"too_big": 1}
-        assert pool.status()["breaker"]["consecutive_failures"] == 1
-        assert closed_by(pool) == {"error": 1}
+        for _ in range(pool.config.breaker_failure_threshold + 1):
+            with pytest.raises(sc.ProtocolError, match="longer than max_line_length=1024"):
+                await call(pool, b"x" * 2000)
+        threshold = pool.config.breaker_failure_threshold + 1
+        assert pool.status()["errors_by_kind"] == {"too_big": threshold}
+        assert pool.breaker_state is sc.BreakerState.CLOSED
+        assert closed_by(pool) == {"error": threshold}
         assert await call(pool, b"x" * 1024) == b"x" * 1024  # within the limit: fine
+
+
+async def test_nothing_is_read_as_a_line_after_the_channel_gave_up_on_one(
+    relay: Relay, client_context: ssl.SSLContext
+) -> None:
+    # The tail of a refused line must never come back as a message of its own.
+    async with sc.open_pool(relay.target, ssl_context=client_context, max_line_length=100) as pool:
+        async with pool.connection() as channel:
+            await channel.send_all(b"y" * 200 + b"\nnext\n")
+            with pytest.raises(sc.ProtocolError):
+                await channel.receive_line()
+            with pytest.raises(trio.BrokenResourceError, match="failed before"):
+                await channel.receive_line()
+            with pytest.raises(trio.BrokenResourceError, match="failed before"):
+                await channel.receive_some()
+        assert closed_by(pool) == {"error": 1}
+
+
+async def test_a_second_reader_cannot_take_part_of_a_line_being_put_together(
+    relay: Relay, client_context: ssl.SSLContext
+) -> None:
+    async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
+        async with pool.connection() as channel, trio.open_nursery() as nursery:
+            await channel.send_all(b"half a ")
+            lines: list[bytes] = []
+
+            async def read_line() -> None:
+                lines.append(await channel.receive_line())
+
+            nursery.start_soon(read_line)
+            await wait_until(lambda: channel.buffered_bytes > 0)
+            with pytest.raises(trio.BusyResourceError):
+                await channel.receive_some()
+            with pytest.raises(trio.BusyResourceError):
+                await channel.receive_line()
+            await channel.send_all(b"line\n")
+        assert lines == [b"half a line"]
 
 
 async def test_a_line_that_never_ends_is_cut_off_at_the_limit(
@@ -173,6 +213,8 @@ async def test_send_line_refuses_two_lines_and_text_and_sends_nothing(
         async with pool.connection() as channel:
             with pytest.raises(ValueError, match="contains a newline"):
                 await channel.send_line(b"one\ntwo")
+            with pytest.raises(ValueError, match="contains a newline"):
+                await channel.send_line(memoryview(b"one\ntwo"))
             with pytest.raises(TypeError, match="encode the text first"):
                 await channel.send_line("text")  # type: ignore[arg-type]
             assert channel.bytes_sent == 0

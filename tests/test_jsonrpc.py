@@ -9,9 +9,11 @@ from __future__ import annotations
 import math
 import ssl
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import trio_securechannel as sc
 from trio_securechannel.jsonrpc import (
@@ -109,7 +111,10 @@ async def test_an_error_reply_is_raised_and_the_relay_keeps_its_standing(
     ("method", "complaint"),
     [
         ("garbage", "not JSON"),
+        ("nested", "not JSON"),
         ("wrong_id", "a reply to request"),
+        ("id_true", "a reply to request True"),
+        ("null_id_error", "an error for no request in particular.*parse error at the relay"),
         ("neither", "neither a result nor an error"),
     ],
 )
@@ -125,7 +130,7 @@ async def test_a_reply_that_is_not_json_rpc_is_held_against_the_relay(
     assert await client.call("echo", "after") == ["after"]  # on a fresh channel
 
 
-async def test_an_oversized_reply_is_refused_and_held_against_the_relay(
+async def test_an_oversized_reply_is_refused_and_counted_but_opens_no_breaker(
     rpc_relay: JsonRpcRelay, client_context: ssl.SSLContext
 ) -> None:
     async with sc.open_pool(
@@ -136,10 +141,12 @@ async def test_an_oversized_reply_is_refused_and_held_against_the_relay(
         websocket_max_message_size=10_000,
     ) as pool:
         client = JsonRpcClient(pool)
-        with pytest.raises(sc.ProtocolError, match=r"max_(line_length|message_size)=10000"):
-            await client.call("blob", 20_000)
-        assert pool.status()["errors_by_kind"] == {"too_big": 1}
-        assert pool.status()["breaker"]["consecutive_failures"] == 1
+        for _ in range(pool.config.breaker_failure_threshold + 1):
+            with pytest.raises(sc.ProtocolError, match=r"max_(line_length|message_size)=10000"):
+                await client.call("blob", 20_000)
+        assert pool.status()["errors_by_kind"] == {"too_big": 6}
+        # The limit is ours: the relay's breaker stays closed for everyone else.
+        assert pool.breaker_state is sc.BreakerState.CLOSED
         assert len(await client.call("blob", 9_000)) == 9_000
 
 
@@ -223,6 +230,58 @@ async def test_a_subscription_receives_notifications_and_its_channel_is_never_po
     assert closed_by(pool) == {"subscribed": 1}
     assert books(pool)["idle"] == 1  # the other one
     assert pool.status()["errors_by_kind"] == {}
+
+
+@pytest.mark.parametrize(
+    "calls",
+    [[("echo", 1), ("list_id",)], [("echo", 1), ("garbage",)]],
+    ids=["a reply with a list for its id", "garbage inside"],
+)
+async def test_a_batch_reply_that_is_not_json_rpc_is_held_against_the_relay(
+    pool: sc.SecureChannelPool, calls: list[tuple[Any, ...]]
+) -> None:
+    with pytest.raises(sc.ProtocolError):
+        await JsonRpcClient(pool).batch(calls)
+    assert pool.status()["errors_by_kind"] == {"protocol": 1}
+    assert pool.status()["breaker"]["consecutive_failures"] == 1
+
+
+async def test_a_second_task_on_a_subscription_is_refused_before_it_sends(
+    pool: sc.SecureChannelPool, rpc_relay: JsonRpcRelay
+) -> None:
+    # One task iterates while another calls: the call's reply would reach the iterator as
+    # a reply nobody asked for, and an innocent relay would be blamed.
+    client = JsonRpcClient(pool)
+    async with client.subscribe("subscribe") as subscription, trio.open_nursery() as nursery:
+        received: list[Notification] = []
+
+        async def listen() -> None:
+            received.append(await subscription.next_notification())
+
+        nursery.start_soon(listen)
+        await trio.testing.wait_all_tasks_blocked()
+        echoes = rpc_relay.calls["echo"]
+        with pytest.raises(trio.BusyResourceError, match="one at a time"):
+            await subscription.call("echo", "meanwhile")
+        assert rpc_relay.calls["echo"] == echoes  # refused before anything was sent
+        await rpc_relay.notify("subscribe", "news")
+    assert received == [Notification("subscribe", ["news"])]
+    assert pool.status()["errors_by_kind"] == {}
+
+
+async def test_a_held_channels_own_deadline_stands_through_calls_with_a_longer_limit(
+    pool: sc.SecureChannelPool,
+) -> None:
+    checkout = pool.websocket if pool.endpoints[0].is_websocket else pool.connection
+    async with checkout(timeout=0.3) as channel:
+        deadline = channel.deadline
+        rpc = JsonRpcChannel(channel, time_limit=30)
+        assert await rpc.call("echo", 1) == [1]
+        assert (channel.deadline, channel.request_timeout) == (deadline, 0.3)
+        began = trio.current_time()
+        with pytest.raises(sc.RequestTimeout, match=r"0\.3s"):
+            await rpc.call("sleep", 5)  # the lease's 0.3 s, not the channel's 30 s
+        assert trio.current_time() - began < 1
 
 
 async def test_a_subscription_waits_for_notifications_beyond_the_request_timeout(

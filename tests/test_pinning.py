@@ -590,3 +590,16 @@ def test_a_pin_for_a_relay_the_pool_does_not_have_is_refused(target: Any, pinned
 def test_a_wss_relay_is_pinned_by_its_host_and_port() -> None:
     # No error: the relay behind the URL is 127.0.0.1:702, whatever its path.
     sc.open_pool(["127.0.0.1:700", "wss://127.0.0.1:702/ws"], pins={"127.0.0.1:702": PIN})
+
+
+@pytest.mark.parametrize("spelling", ["LOCALHOST:{port}", "localhost.:{port}", "LocalHost.:{port}"])
+async def test_a_pin_finds_its_relay_however_the_name_is_spelt(relay: Relay, spelling: str) -> None:
+    # DNS names are case-insensitive and may end with a dot: one relay, one pin.
+    pin = sc.public_key_pin(SERVER_CERT.cert_chain_pems[0].bytes())
+    async with (
+        sc.open_pool(
+            f"localhost:{relay.port}", pins={spelling.format(port=relay.port): pin}
+        ) as pool,
+        pool.connection() as channel,
+    ):
+        assert await echo(channel, b"ping") == b"ping"

@@ -40,6 +40,9 @@ _channel_ids = itertools.count(1)
 #: How many of a channel's latest round trips `SecureChannel.recent_round_trip` looks at.
 RECENT_ROUND_TRIPS = 8
 
+#: Failures after which trio's stream is whole but we stopped reading it mid-message.
+_OUR_OWN_FAILURES = frozenset(["too_big", "protocol", "dropped"])
+
 #: The default bound on one line `SecureChannel.receive_line` accepts (``max_line_length``).
 MAX_LINE_LENGTH = 1 << 20
 
@@ -189,12 +192,12 @@ class Channel(abc.ABC):
         came behind one). A channel given back with any is not pooled again."""
         return 0
 
-    def _fail(self, kind: str) -> None:
+    def _fail(self, kind: str, *, blame_relay: bool = True) -> None:
         # A stream breaks once; later calls re-raise the same state and count nothing.
         if self.spent != "error":
             self.errors[kind] += 1
             self.spent = "error"
-            if self._on_error is not None:
+            if blame_relay and self._on_error is not None:
                 self._on_error(self, kind)
 
     def _spend(self, reason: str) -> None:
@@ -327,6 +330,7 @@ class SecureChannel(Channel, trio.abc.Stream):
     ) -> None:
         super().__init__(ssl_stream, endpoint, **options)
         self.max_line_length = max_line_length
+        self._reading = False  # receive_line is putting a line together
         # What was read off the connection and not yet taken: half a line, or the bytes
         # behind one. Never pooled with any (see `buffered_bytes`).
         self._buffer = bytearray()
@@ -347,9 +351,10 @@ class SecureChannel(Channel, trio.abc.Stream):
         """
         if isinstance(line, str):
             raise TypeError("send_line takes bytes; encode the text first")
-        if b"\n" in line:
+        data = bytes(line)  # (a memoryview's `in` would compare ints)
+        if b"\n" in data:
             raise ValueError("send_line: the line contains a newline (b'\\n'), it would be two")
-        await self.send_all(bytes(line) + b"\n")
+        await self.send_all(data + b"\n")
 
     async def receive_line(self) -> bytes:
         """Receive one whole line from the relay: the bytes up to the next newline, without
@@ -357,22 +362,32 @@ class SecureChannel(Channel, trio.abc.Stream):
 
         Raises:
             ProtocolError: The line is longer than `max_line_length` (the channel is
-                discarded and the relay held responsible).
+                discarded; counted as an error of kind ``"too_big"``).
             trio.BrokenResourceError: The relay closed the connection before a whole line
-                came (held against it when a request was unanswered or a line half sent).
+                came (held against it when a request was unanswered or a line half sent),
+                or the channel failed before.
             And those of `receive_some`.
         """
-        buffer, limit = self._buffer, self.max_line_length
-        if buffer:
-            await trio.lowlevel.checkpoint()  # (it may return without reading)
-        else:
+        buffer = self._buffer
+        if not buffer and not self._reading:  # the common case: one read, one whole reply
             data = await self._receive(None)
             end = data.find(b"\n")
-            if 0 <= end == len(data) - 1 and end <= limit:  # the common case: one read,
-                return bytes(data[:end])  # one whole reply
+            if 0 <= end == len(data) - 1 and end <= self.max_line_length:
+                return bytes(data[:end])
             if not data:
                 raise self._ended_mid_line()
             buffer += data
+        else:
+            self._check_receivable()
+            await trio.lowlevel.checkpoint()  # (it may return without reading)
+        self._reading = True  # a line is being put together: no other reader may take part
+        try:
+            return await self._assemble_line()
+        finally:
+            self._reading = False
+
+    async def _assemble_line(self) -> bytes:
+        buffer, limit = self._buffer, self.max_line_length
         scanned = 0
         while True:
             end = buffer.find(b"\n", scanned)
@@ -390,9 +405,21 @@ class SecureChannel(Channel, trio.abc.Stream):
                 raise self._ended_mid_line()
             buffer += data
 
+    def _check_receivable(self) -> None:
+        """Before taking buffered bytes: the channel is open, whole, and nobody else is
+        putting a line together from them."""
+        if self._closed:
+            raise trio.ClosedResourceError("this channel was closed")
+        if self.spent == "error":
+            raise trio.BrokenResourceError(f"this channel to {self.endpoint} failed before")
+        if self._reading:
+            raise trio.BusyResourceError("another task is already receiving on this channel")
+
     def _line_too_long(self) -> NoReturn:
         self._buffer.clear()
-        self._fail("too_big")
+        # Counted, but not as a failure of the relay: the limit is ours, and a healthy
+        # relay's long reply must not open its breaker for everyone else.
+        self._fail("too_big", blame_relay=False)
         raise ProtocolError(
             str(self.endpoint),
             f"a line longer than max_line_length={self.max_line_length} bytes",
@@ -446,7 +473,10 @@ class SecureChannel(Channel, trio.abc.Stream):
         `trio.abc.ReceiveStream.receive_some`.
         """
         buffer = self._buffer
-        if buffer and not self._closed:
+        if buffer or self._reading:
+            self._check_receivable()
+            if max_bytes is not None and max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
             await trio.lowlevel.checkpoint()
             size = len(buffer) if max_bytes is None else min(max_bytes, len(buffer))
             data = bytes(buffer[:size])
@@ -457,6 +487,11 @@ class SecureChannel(Channel, trio.abc.Stream):
     async def _receive(self, max_bytes: int | None) -> bytes | bytearray:
         if self._closed:
             await self._raise_closed()
+        if self.spent == "error" and self.errors.keys() & _OUR_OWN_FAILURES:
+            # trio's stream is whole, but we gave up on it mid-message: nothing read after
+            # that is a message.
+            await trio.lowlevel.checkpoint()
+            raise trio.BrokenResourceError(f"this channel to {self.endpoint} failed before")
         try:
             if self.deadline == NO_DEADLINE:
                 data = await self._stream.receive_some(max_bytes)

@@ -78,9 +78,10 @@ class PoolConfig:
             the channel at a message boundary (every reply read). A ``setup`` that is not
             async raises `TypeError`, held against nobody.
         max_line_length: The longest line `SecureChannel.receive_line` accepts from a
-            relay, in bytes; a longer one raises `ProtocolError` and is held against the
-            relay (an error of kind ``"too_big"``, a failure for its breaker). Electrum
-            servers may send up to 8,100,000 bytes: raise it for large replies.
+            relay, in bytes; a longer one raises `ProtocolError` and discards the channel
+            (an error of kind ``"too_big"``, but no failure for the breaker: the limit is
+            ours). Electrum servers may send up to 8,100,000 bytes: raise it for large
+            replies.
         pins: Trust these relays by their public key instead of a CA: ``{"host:port":
             "sha256/<base64>"}`` (a list for several keys), the SHA-256 of the
             certificate's SubjectPublicKeyInfo, as HPKP and Electrum clients pin
@@ -108,8 +109,8 @@ class PoolConfig:
         websocket_subprotocols: Subprotocols the upgrade offers, in order of preference
             (`WebSocketChannel.subprotocol` says which the relay chose).
         websocket_max_message_size: Largest message accepted from a relay, in bytes (or
-            characters); a larger one closes the channel's WebSocket (1009) and is held
-            against the relay (``"too_big"``, as a line over ``max_line_length``).
+            characters); a larger one closes the channel's WebSocket (1009), counted as
+            ``"too_big"`` like a line over ``max_line_length``.
     """
 
     ssl_context: ssl.SSLContext | None = None

@@ -21,7 +21,7 @@ from ._channel import Channel, SecureChannel
 from ._config import PoolConfig, Setup
 from ._endpoint import Endpoint
 from ._errors import ConnectError
-from ._pinning import check_pin, pinned_context
+from ._pinning import check_pin, pin_address, pinned_context
 from ._tls import check_client_context
 from ._tls_buffers import TlsBuffers
 from ._websocket import UpgradeFailed, WebSocketChannel, start_session
@@ -56,7 +56,7 @@ async def open_channel(
     """
     if endpoint.is_websocket and nursery is None:
         raise RuntimeError("a WebSocket channel needs a nursery for its session's task")
-    pins = config.pinned.get((endpoint.host, endpoint.port))
+    pins = config.pinned.get(pin_address(endpoint.host, endpoint.port))
     if pins:
         ssl_context = pinned_context(ssl_context)  # the pin, checked below, is the trust
     else:

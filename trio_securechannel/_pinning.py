@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
+import ipaddress
 import re
 import ssl
 from collections.abc import Mapping, Sequence
@@ -127,11 +129,23 @@ def check_pins(pins: object) -> tuple[tuple[tuple[str, int], tuple[bytes, ...]],
             given = [given]
         if not given:
             raise ValueError(f"{field}: no pin given")
-        address = (endpoint.host, endpoint.port)
+        address = pin_address(endpoint.host, endpoint.port)
         if address in checked:
             raise ValueError(f"{field}: {endpoint} is pinned twice; put its pins in one list")
         checked[address] = tuple(parse_pin(pin, field) for pin in given)
     return _CheckedPins(checked.items())
+
+
+def pin_address(host: str, port: int) -> tuple[str, int]:
+    """A relay's address as pins are looked up by: one spelling per host (DNS names are
+    case-insensitive and may end with a dot; IPv6 has many spellings)."""
+    host = host.rstrip(".").lower()
+    try:
+        host = ipaddress.ip_address(host).compressed
+    except ValueError:
+        with contextlib.suppress(UnicodeError):  # (not a name DNS could carry: as it is)
+            host = host.encode("idna").decode("ascii")
+    return host, port
 
 
 class _CheckedPins(tuple[tuple[tuple[str, int], tuple[bytes, ...]], ...]):
@@ -148,6 +162,8 @@ def pinned_context(base: ssl.SSLContext) -> ssl.SSLContext:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     context.options = base.options
+    with contextlib.suppress(ssl.SSLError):  # (no TLS 1.2 cipher in base: 1.3's suites stand)
+        context.set_ciphers(":".join(cipher["name"] for cipher in base.get_ciphers()))
     context.minimum_version = max(base.minimum_version, ssl.TLSVersion.TLSv1_2, key=_rank)
     context.maximum_version = base.maximum_version
     return context

@@ -24,6 +24,7 @@ from ._endpoint import Endpoint, Target
 from ._events import EventBus, EventStream
 from ._lease import Lease
 from ._metrics import PoolCollector
+from ._pinning import pin_address
 from ._relay import Relay
 from ._routing import Router
 from ._server import MetricsServer
@@ -263,7 +264,7 @@ def _parse_targets(target: object) -> list[Endpoint]:
 def _check_pinned_relays(config: PoolConfig, endpoints: list[Endpoint]) -> None:
     """A pin for a relay the pool does not have is a typo that would leave the real one
     unpinned: refuse it."""
-    addresses = {(endpoint.host, endpoint.port) for endpoint in endpoints}
+    addresses = {pin_address(endpoint.host, endpoint.port) for endpoint in endpoints}
     for host, port in config.pinned:
         if (host, port) not in addresses:
             named = Endpoint(host, port)

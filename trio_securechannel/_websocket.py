@@ -131,9 +131,9 @@ class WebSocketChannel(Channel):
             return trio.ClosedResourceError("this channel was closed")
         reason = exc.reason
         if reason is not None and reason.code == 1009 and self._session.frames.closed_first:
-            # trio-websocket closed with 1009 before the relay closed: a message over the
-            # limit. Held against the relay, like a line over max_line_length.
-            self._fail("too_big")
+            # trio-websocket closed with 1009 before the relay closed: a message over our
+            # own limit. Counted, but no sign the relay is unwell.
+            self._fail("too_big", blame_relay=False)
             limit = self._session.max_message_size
             return trio.BrokenResourceError(
                 f"a message from {self.endpoint} was over websocket_max_message_size={limit}"

@@ -24,7 +24,7 @@ import json
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, final
 
@@ -111,6 +111,7 @@ class JsonRpcChannel:
         self._time_limit = time_limit
         self._ids = _ids if _ids is not None else itertools.count(1)
         self._notifications: deque[Notification] = deque()
+        self._busy = False  # a call or a wait for a notification is under way
 
     async def call(self, method: str, *params: Any) -> Any:
         """Call ``method`` with ``params``; return its result.
@@ -123,7 +124,7 @@ class JsonRpcChannel:
         """
         request_id = next(self._ids)
         payload = _request(request_id, method, params)
-        with self._limited():
+        with self._turn(), self._limited():
             outcome = await _exchange(
                 self.channel, payload, request_id, method, self._notifications
             )
@@ -138,7 +139,7 @@ class JsonRpcChannel:
         `RpcError` it was answered with (returned, not raised, so that no result is lost).
         """
         payload, requests = _batch_request(calls, self._ids)
-        with self._limited():
+        with self._turn(), self._limited():
             return await _exchange_batch(self.channel, payload, requests, self._notifications)
 
     async def next_notification(self) -> Notification:
@@ -151,7 +152,8 @@ class JsonRpcChannel:
         if self._notifications:
             await trio.lowlevel.checkpoint()
             return self._notifications.popleft()
-        message = await _receive(self.channel)
+        with self._turn():
+            message = await _receive(self.channel)
         notification = _as_notification(message)
         if notification is None:
             self.channel.blame_relay()
@@ -166,6 +168,20 @@ class JsonRpcChannel:
 
     def _limited(self) -> _Deadline:
         return _Deadline(self.channel, self._time_limit)
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """One call or wait at a time, refused before anything is sent: a reply read by
+        another task's wait would look unasked-for, and the relay would be blamed."""
+        if self._busy:
+            raise trio.BusyResourceError(
+                "another task is calling or waiting on this JSON-RPC channel; one at a time"
+            )
+        self._busy = True
+        try:
+            yield
+        finally:
+            self._busy = False
 
 
 @final
@@ -280,21 +296,26 @@ def electrum_handshake(
 
 
 class _Deadline:
-    """While a call waits on a held channel: the channel's deadline, set from now."""
+    """While a call waits on a held channel: a deadline ``limit`` from now, or the one the
+    channel already had if sooner; the channel's own comes back after."""
 
-    __slots__ = ("_channel", "_limit")
+    __slots__ = ("_channel", "_limit", "_saved")
 
     def __init__(self, channel: Channel, limit: float | None) -> None:
         self._channel, self._limit = channel, limit
+        self._saved: tuple[float, float | None] = (NO_DEADLINE, None)
 
     def __enter__(self) -> None:
-        if self._limit is not None:
-            self._channel.deadline = trio.current_time() + self._limit
-            self._channel.request_timeout = self._limit
+        channel, limit = self._channel, self._limit
+        if limit is not None:
+            self._saved = (channel.deadline, channel.request_timeout)
+            deadline = trio.current_time() + limit
+            if deadline < channel.deadline:
+                channel.deadline, channel.request_timeout = deadline, limit
 
     def __exit__(self, *exc_info: object) -> None:
         if self._limit is not None:
-            self._channel.deadline = NO_DEADLINE
+            self._channel.deadline, self._channel.request_timeout = self._saved
 
 
 def _batch_request(
@@ -344,7 +365,7 @@ async def _receive(channel: Channel) -> Any:
             raise
     try:
         return json.loads(data)
-    except ValueError:  # (JSONDecodeError, UnicodeDecodeError)
+    except (ValueError, RecursionError):  # (JSONDecodeError, UnicodeDecodeError; nesting)
         raise _broke(channel, f"a message that is not JSON: {_excerpt(data)}") from None
 
 
@@ -362,8 +383,9 @@ async def _exchange(
     while True:
         message = await _receive(channel)
         if isinstance(message, dict) and message.get("id") is not None:
-            if message["id"] != request_id:
-                raise _broke(channel, f"a reply to request {message['id']!r}, not {request_id}")
+            reply_id = message["id"]
+            if type(reply_id) is not int or reply_id != request_id:  # (True == 1 in Python)
+                raise _broke(channel, f"a reply to request {reply_id!r}, not {request_id}")
             return _outcome(message, method, channel)
         _keep_notification(channel, message, notifications)
 
@@ -380,9 +402,15 @@ async def _exchange_batch(
         if isinstance(message, list):
             break
         _keep_notification(channel, message, notifications)
-    replies = {reply.get("id"): reply for reply in message if isinstance(reply, dict)}
-    missing = [id_ for id_, _, _ in requests if id_ not in replies]
-    if missing or len(replies) != len(message):
+    asked = {id_ for id_, _, _ in requests}
+    replies: dict[int, dict[str, Any]] = {}
+    for reply in message:
+        reply_id = reply.get("id") if isinstance(reply, dict) else None
+        if type(reply_id) is not int or reply_id not in asked or reply_id in replies:
+            raise _broke(channel, f"a batch reply with a reply nobody asked for: {reply!r:.80}")
+        replies[reply_id] = reply
+    missing = sorted(asked - replies.keys())
+    if missing:
         raise _broke(channel, f"a batch reply without replies to requests {missing}")
     return [_outcome(replies[id_], method, channel) for id_, method, _ in requests]
 
@@ -392,6 +420,9 @@ def _keep_notification(
 ) -> None:
     notification = _as_notification(message)
     if notification is None:
+        error = message.get("error") if isinstance(message, dict) else None
+        if isinstance(error, dict):  # (id null: it could not tell which request it answers)
+            raise _broke(channel, f"an error for no request in particular: {error!r:.120}")
         raise _broke(
             channel, f"a message that is neither a reply nor a notification: {message!r:.80}"
         )
