@@ -79,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 scale=QUICK if args.quick else FULL,
                 quick=args.quick,
                 repeats=args.repeats,
+                server_file=certificates.server_file,
+                server_cpu=server_cpu,
             )
             results = trio.run(_suite.run, bench, cases)
     elapsed = time.perf_counter() - began

@@ -17,7 +17,7 @@ class Scale:
     """How much work one repeat of each measurement does."""
 
     round_trips_per_task: int  # cases 1, 3: each of 16 tasks
-    round_trips_single: int  # cases 2, 5 (pooled side)
+    round_trips_single: int  # cases 2, 5 (pooled side), 11
     checkouts: int  # cases 4, 12
     connects: int  # case 5, connect-per-request side
     bulk_bytes: int  # case 6
@@ -28,6 +28,8 @@ class Scale:
     requests_per_task: int  # case 10: each of 16 tasks
     pool_sizes: tuple[int, ...]  # case 12: idle channels on one relay, smallest first
     channels_per_relay: int  # case 12: with 1, 4 and 16 relays
+    calls_single: int  # case 13: JSON-RPC calls, 1 task
+    calls_per_task: int  # case 14: JSON-RPC calls, each of 16 tasks
 
 
 FULL = Scale(
@@ -43,6 +45,8 @@ FULL = Scale(
     requests_per_task=150,
     pool_sizes=(10, 100, 1000),
     channels_per_relay=16,
+    calls_single=2000,
+    calls_per_task=250,
 )
 QUICK = Scale(
     round_trips_per_task=60,
@@ -57,6 +61,8 @@ QUICK = Scale(
     requests_per_task=20,
     pool_sizes=(10, 50, 200),
     channels_per_relay=4,
+    calls_single=150,
+    calls_per_task=15,
 )
 
 
@@ -72,6 +78,10 @@ class Bench:
     warmups: int = 1
     #: Seconds one run of one variant may take before the benchmark fails.
     limit: float = 120.0
+    #: The server's certificate chain and key, for servers a case runs itself (13, 14).
+    server_file: Path | None = None
+    #: The CPU the servers are pinned to (None: not pinned).
+    server_cpu: int | None = None
 
     def client_context(self) -> ssl.SSLContext:
         """A fresh client context trusting the benchmark CA."""

@@ -20,7 +20,7 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _version(package: str) -> str:
+def package_version(package: str) -> str:
     try:
         return version(package)
     except PackageNotFoundError:
@@ -35,12 +35,13 @@ def describe(*, server_cpu: int | None, client_cpus: list[int] | None) -> dict[s
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
         "openssl": ssl.OPENSSL_VERSION,
-        "trio": _version("trio"),
-        "trio_securechannel": _version("trio-securechannel"),
-        "httpcore": _version("httpcore"),
-        "h11": _version("h11"),
-        "prometheus_client": _version("prometheus-client"),
-        "hypercorn": _version("hypercorn"),
+        "trio": package_version("trio"),
+        "trio_securechannel": package_version("trio-securechannel"),
+        "httpcore": package_version("httpcore"),
+        "h11": package_version("h11"),
+        "prometheus_client": package_version("prometheus-client"),
+        "hypercorn": package_version("hypercorn"),
+        "aiorpcx": package_version("aiorpcx"),
         "server_cpu": server_cpu,
         "client_cpus": client_cpus,
     }

@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from . import _cases, _http, _memory, _scale, _scrape, _websocket
+from . import _cases, _http, _jsonrpc, _memory, _scale, _scrape, _websocket
 from ._bench import Bench
 from ._report import Result
 
@@ -32,6 +32,8 @@ CASES: tuple[Case, ...] = (
     Case(10, "http", _http.peer_http),
     Case(11, "ws1", _websocket.websocket_pool_of_1),
     Case(12, "scale", _scale.scale),
+    Case(13, "jsonrpc1", _jsonrpc.jsonrpc_pool_of_1),
+    Case(14, "jsonrpc16", _jsonrpc.jsonrpc_pool_of_16),
 )
 
 
