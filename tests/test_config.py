@@ -45,7 +45,10 @@ def test_targets_parse(target: sc.Target, host: str, port: int, path: str | None
     endpoint = Endpoint.parse(target)
     assert (endpoint.host, endpoint.port, endpoint.websocket_path) == (host, port, path)
     assert endpoint.is_websocket == (path is not None)
-    assert Endpoint.parse(str(endpoint)) == endpoint  # str() round-trips
+    if path is not None and "?" in path:  # a query may hold a key: shown as "?..."
+        assert str(endpoint) == f"{target}".lower().partition("?")[0] + "?..."
+    else:
+        assert Endpoint.parse(str(endpoint)) == endpoint  # str() round-trips
 
 
 def test_endpoint_names_and_host_headers() -> None:
@@ -265,3 +268,128 @@ def test_websocket_headers_are_kept_as_pairs_and_out_of_reprs() -> None:
     with pytest.raises(ValueError, match="value of header 2") as info:
         PoolConfig(websocket_headers=[("X-A", "1"), ("sk_live_hunter2", "X-Api-Key\n")])
     assert "hunter2" not in str(info.value)  # a swapped pair whose secret is a valid name
+
+
+# -- values no float, no DNS name and no socket can hold: a ValueError naming the field ------
+
+HUGE = 10**400  # more than a float holds: float(HUGE) raises OverflowError
+SECONDS_OPTIONS = [
+    "connect_timeout",
+    "acquire_timeout",
+    "request_timeout",
+    "idle_timeout",
+    "max_lifetime",
+    "cleanup_interval",
+    "shutdown_timeout",
+    "breaker_cooldown",
+    "histogram_rotation_interval",
+    "max_latency_ms",
+]
+
+
+@pytest.mark.parametrize("value", [HUGE, -HUGE], ids=["1e400", "-1e400"])
+@pytest.mark.parametrize("name", SECONDS_OPTIONS)
+def test_seconds_too_large_for_a_float_are_a_value_error(name: str, value: int) -> None:
+    options: dict[str, Any] = {name: value}
+    with pytest.raises(ValueError, match=rf"^{name} ") as info:
+        sc.open_pool("relay.example.com:443", **options)
+    assert str(HUGE) not in str(info.value)  # not 401 digits either
+    with pytest.raises(ValueError, match=rf"^{name} "):
+        PoolConfig(**options)
+
+
+async def test_a_checkout_timeout_too_large_for_a_float_is_a_value_error() -> None:
+    async with sc.open_pool("relay.example.com:443") as pool:
+        with pytest.raises(ValueError, match=r"^timeout "):
+            pool.connection(timeout=HUGE)
+
+
+@pytest.mark.parametrize(
+    ("name", "bound"),
+    [
+        ("max_connections", 1_000_000),
+        ("min_idle", 1_000_000),
+        ("max_line_length", 1 << 30),
+        ("breaker_failure_threshold", 1_000_000_000),
+        ("breaker_half_open_trials", 1_000_000),
+        ("websocket_max_message_size", 1 << 30),
+    ],
+)
+@pytest.mark.parametrize("excess", [1, HUGE, 10**5000], ids=["bound+1", "1e400", "1e5000"])
+def test_counts_beyond_a_sane_bound_are_a_value_error(name: str, bound: int, excess: int) -> None:
+    value = bound + excess
+    options: dict[str, Any] = {name: value}
+    if name == "min_idle":
+        options["max_connections"] = 1_000_000
+    with pytest.raises(ValueError, match=rf"^{name} must be <= {bound}, got ") as info:
+        sc.open_pool("relay.example.com:443", **options)
+    assert len(str(info.value)) < 200  # the bound, not the thousands of digits
+    if name == "min_idle":
+        options["min_idle"] = bound
+    else:
+        options[name] = bound
+    PoolConfig(**options)  # the bound itself is fine
+
+
+async def test_the_largest_pool_still_serves_metrics() -> None:
+    # 10**400 used to be accepted, and every /metrics scrape then failed (no float for it).
+    async with sc.open_pool("relay.example.com:443", max_connections=1_000_000) as pool:
+        assert (
+            'securechannel_max_connections{endpoint="relay.example.com:443"} 1e+06'
+            in pool.metrics_text().decode()
+        )
+
+
+LABEL = "a" * 63  # the longest label DNS allows
+NAME_253 = ".".join([LABEL, LABEL, LABEL, "a" * 61])  # the longest name: 253 characters
+NAME_255 = ".".join([LABEL, LABEL, LABEL, LABEL])
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        f"{NAME_255}:443",
+        f"tls://{NAME_255}:443",
+        f"wss://{NAME_255}/ws",
+        (NAME_255, 443),
+        f"{NAME_253}a.:443",  # 254 before the root's dot
+    ],
+)
+def test_host_names_longer_than_dns_allows_are_refused(target: sc.Target) -> None:
+    with pytest.raises(ValueError, match=r"^target: host name .* is 25\d characters long"):
+        sc.open_pool(target)
+    with pytest.raises(ValueError, match=r"^target\[1\]: "):
+        sc.open_pool(["relay.example.com:443", target])
+
+
+@pytest.mark.parametrize("target", [f"{NAME_253}:443", f"{NAME_253}.:443", (NAME_253, 443)])
+def test_the_longest_host_name_dns_allows_is_accepted(target: sc.Target) -> None:
+    assert len(NAME_253) == 253
+    assert Endpoint.parse(target).host.rstrip(".") == NAME_253
+
+
+@pytest.mark.parametrize(
+    ("host", "words"),
+    [
+        ("a" * 300, "invalid host name"),
+        (NAME_255, "characters long"),
+        ("bad host", "invalid host"),
+        ("[::1]", "invalid host"),
+        ("relay..example.com", "invalid host name"),
+    ],
+)
+def test_bad_metrics_host_is_a_value_error_naming_it(host: str, words: str) -> None:
+    with pytest.raises(ValueError, match=r"^metrics_host: ") as info:
+        sc.open_pool("relay.example.com:443", metrics_host=host, metrics_port=0)
+    assert words in str(info.value)
+    with pytest.raises(ValueError, match=r"^metrics_host: "):
+        PoolConfig(metrics_host=host)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "0.0.0.0", "::", "localhost"])
+def test_good_metrics_hosts_are_accepted(host: str) -> None:
+    assert PoolConfig(metrics_host=host).metrics_host == host
+
+
+def test_a_scoped_ipv6_metrics_host_is_accepted() -> None:
+    assert sc.PoolConfig(metrics_host="fe80::1%lo").metrics_host == "fe80::1%lo"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import warnings
 from collections.abc import Callable
@@ -364,3 +365,130 @@ def test_non_context_is_a_type_error(value: object) -> None:
 def test_field_name_is_used_in_messages() -> None:
     with pytest.raises(ValueError, match=r"^relay_tls\.check_hostname"):
         check_client_context(_no_hostname_check(), field="relay_tls")
+
+
+# -- a loop, a device or a huge file among the roots: that entry only, with a warning --------
+
+
+def test_symlink_loop_in_cert_dir_costs_only_that_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cert_dir = tmp_path / "certs"
+    cert_dir.mkdir()
+    write_bundle(cert_dir / "one.pem", GOOD_PEMS[1])
+    write_bundle(cert_dir / "two.pem", GOOD_PEMS[2])
+    loop = cert_dir / "5d0f1a2b.0"
+    loop.symlink_to(loop.name)  # points at itself: resolving it never ends
+    monkeypatch.setenv("SSL_CERT_FILE", str(write_bundle(tmp_path / "env.pem", GOOD_PEMS[0])))
+    monkeypatch.setenv("SSL_CERT_DIR", str(cert_dir))
+
+    ctx = load_root_store()
+
+    assert ca_count(ctx) == 3  # the bundle's root and both good files of the directory
+    [message] = warnings_logged(caplog)
+    assert str(loop) in message
+    assert "symbolic links" in message
+
+
+def test_symlink_loop_as_ssl_cert_file_keeps_the_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cert_dir = tmp_path / "certs"
+    cert_dir.mkdir()
+    write_bundle(cert_dir / "one.pem", GOOD_PEMS[1])
+    first, second = tmp_path / "a.pem", tmp_path / "b.pem"
+    first.symlink_to(second)
+    second.symlink_to(first)
+    monkeypatch.setenv("SSL_CERT_FILE", str(first))
+    monkeypatch.setenv("SSL_CERT_DIR", str(cert_dir))
+
+    ctx = load_root_store()
+
+    assert ca_count(ctx) == 1
+    [message] = warnings_logged(caplog)
+    assert str(first) in message
+    assert "symbolic links" in message
+
+
+def _fifo(tmp_path: Path) -> Path:
+    path = tmp_path / "ca.fifo"
+    os.mkfifo(path)  # opening it for reading would wait for a writer forever
+    return path
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda tmp_path: Path("/dev/zero"), id="dev-zero"),
+        pytest.param(_fifo, id="fifo"),
+    ],
+)
+def test_non_regular_bundle_is_refused_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, make: Callable[[Path], Path]
+) -> None:
+    path = make(tmp_path)
+
+    ctx = load_root_store(path)
+
+    assert ctx.get_ca_certs() == []  # as for any unusable bundle: empty, fail closed
+    [message] = warnings_logged(caplog)
+    assert str(path) in message
+    assert "not a regular file" in message
+    assert "handshake will fail" in message
+
+
+def test_dev_zero_as_ssl_cert_file_keeps_the_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cert_dir = tmp_path / "certs"
+    cert_dir.mkdir()
+    write_bundle(cert_dir / "one.pem", GOOD_PEMS[1])
+    write_bundle(cert_dir / "two.pem", GOOD_PEMS[2])
+    (cert_dir / "3c4d5e6f.0").symlink_to("/dev/zero")  # in the directory: passed over
+    monkeypatch.setenv("SSL_CERT_FILE", "/dev/zero")
+    monkeypatch.setenv("SSL_CERT_DIR", str(cert_dir))
+
+    ctx = load_root_store()
+
+    assert ca_count(ctx) == 2
+    [message] = warnings_logged(caplog)
+    assert "/dev/zero" in message
+    assert "not a regular file" in message
+
+
+def _huge(path: Path, *blocks: str) -> Path:
+    """A sparse file just over the 32 MiB cap: good certificates, then zeros."""
+    write_bundle(path, *blocks)
+    with path.open("r+b") as file:
+        file.truncate((32 << 20) + 1)
+    return path
+
+
+def test_huge_bundle_is_refused_unread(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    bundle = _huge(tmp_path / "ca.pem", *GOOD_PEMS)
+
+    ctx = load_root_store(bundle)
+
+    assert ctx.get_ca_certs() == []
+    [message] = warnings_logged(caplog)
+    assert str(bundle) in message
+    assert "larger than 32 MiB" in message
+    assert "handshake will fail" in message
+
+
+def test_huge_file_in_cert_dir_costs_only_that_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cert_dir = tmp_path / "certs"
+    cert_dir.mkdir()
+    write_bundle(cert_dir / "one.pem", GOOD_PEMS[1])
+    huge = _huge(cert_dir / "two.pem", GOOD_PEMS[2])
+    monkeypatch.setenv("SSL_CERT_FILE", str(write_bundle(tmp_path / "env.pem", GOOD_PEMS[0])))
+    monkeypatch.setenv("SSL_CERT_DIR", str(cert_dir))
+
+    ctx = load_root_store()
+
+    assert ca_count(ctx) == 2
+    [message] = warnings_logged(caplog)
+    assert str(huge) in message
+    assert "larger than 32 MiB" in message

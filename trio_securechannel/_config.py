@@ -6,6 +6,7 @@ import dataclasses
 import math
 import re
 import ssl
+import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypedDict, cast, final
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypedDict, cast, final
 import trio
 
 from ._channel import MAX_LINE_LENGTH
+from ._endpoint import check_host
 from ._pinning import check_pins
 from ._tls import check_client_context
 
@@ -41,6 +43,12 @@ _UPGRADE_HEADERS = frozenset(
 
 #: Extra headers for the WebSocket upgrade: a mapping or ``(name, value)`` pairs.
 Headers = Mapping[str, str] | Sequence[tuple[str, str]]
+
+# Bounds no real pool reaches (a million sockets, a gigabyte in one line): past them a
+# value is a mistake, and one too big for a float would break every /metrics scrape.
+_MAX_CONNECTIONS = 1_000_000
+_MAX_MESSAGE_BYTES = 1 << 30
+_MAX_BREAKER_THRESHOLD = 1_000_000_000
 
 
 @final
@@ -103,6 +111,9 @@ class PoolConfig:
         metrics_host: Address the metrics server listens on.
         metrics_auth_token: When set, ``/metrics``, ``/status`` and ``/events`` require it,
             as ``X-Auth-Token: <token>`` or ``Authorization: Bearer <token>``.
+        metrics_max_connections: Connections the metrics server holds open at once
+            (``/events`` listeners included); when full, the oldest idle one is closed to
+            make room, or the new one refused if none is idle. Bounds its file descriptors.
         websocket_headers: Extra headers for the upgrade of ``wss://`` channels (a
             mapping or ``(name, value)`` pairs), e.g. ``{"Authorization": "Bearer ..."}``;
             kept as pairs, and out of reprs and logs.
@@ -136,6 +147,7 @@ class PoolConfig:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     metrics_auth_token: str | None = field(default=None, repr=False)  # never in reprs or logs
+    metrics_max_connections: int = 64
     websocket_headers: Headers = field(default=(), repr=False)  # may carry credentials
     websocket_subprotocols: Sequence[str] = ()
     websocket_max_message_size: int = 1 << 20
@@ -148,8 +160,8 @@ class PoolConfig:
                 f"namespace must be a metric name prefix ([a-zA-Z_][a-zA-Z0-9_]*),"
                 f" got {self.namespace!r}"
             )
-        _check_int("max_connections", self.max_connections, minimum=1)
-        _check_int("min_idle", self.min_idle, minimum=0)
+        _check_int("max_connections", self.max_connections, minimum=1, maximum=_MAX_CONNECTIONS)
+        _check_int("min_idle", self.min_idle, minimum=0, maximum=_MAX_CONNECTIONS)
         if self.min_idle > self.max_connections:
             raise ValueError(
                 f"min_idle ({self.min_idle}) must not exceed max_connections"
@@ -166,13 +178,23 @@ class PoolConfig:
         check_seconds("shutdown_timeout", self.shutdown_timeout, finite=True)
         if self.setup is not None and not callable(self.setup):
             raise TypeError(f"setup must be an async callable, got {self.setup!r}")
-        _check_int("max_line_length", self.max_line_length, minimum=1)
+        _check_int("max_line_length", self.max_line_length, minimum=1, maximum=_MAX_MESSAGE_BYTES)
         object.__setattr__(self, "pins", check_pins(self.pins))
         if self.open_transport is not None and not callable(self.open_transport):
             raise TypeError(f"open_transport must be callable, got {self.open_transport!r}")
-        _check_int("breaker_failure_threshold", self.breaker_failure_threshold, minimum=1)
+        _check_int(
+            "breaker_failure_threshold",
+            self.breaker_failure_threshold,
+            minimum=1,
+            maximum=_MAX_BREAKER_THRESHOLD,
+        )
         check_seconds("breaker_cooldown", self.breaker_cooldown, finite=True)
-        _check_int("breaker_half_open_trials", self.breaker_half_open_trials, minimum=1)
+        _check_int(
+            "breaker_half_open_trials",
+            self.breaker_half_open_trials,
+            minimum=1,
+            maximum=_MAX_CONNECTIONS,
+        )
         check_seconds(
             "histogram_rotation_interval",
             self.histogram_rotation_interval,
@@ -184,13 +206,18 @@ class PoolConfig:
                 "max_latency_ms", self.max_latency_ms, positive=True, finite=True, unit="ms"
             )
         if self.metrics_port is not None:
-            _check_int("metrics_port", self.metrics_port, minimum=0)
-            if self.metrics_port > 65535:
-                raise ValueError(f"metrics_port must be <= 65535, got {self.metrics_port}")
+            _check_int("metrics_port", self.metrics_port, minimum=0, maximum=65535)
         if not isinstance(self.metrics_host, str) or not self.metrics_host:
             raise ValueError(
                 f"metrics_host must be a host name or address, got {self.metrics_host!r}"
             )
+        check_host(self.metrics_host, field="metrics_host")  # what the listener can bind
+        _check_int(
+            "metrics_max_connections",
+            self.metrics_max_connections,
+            minimum=1,
+            maximum=_MAX_CONNECTIONS,
+        )
         token = self.metrics_auth_token
         if token is not None:
             if not isinstance(token, str):
@@ -206,7 +233,12 @@ class PoolConfig:
         object.__setattr__(
             self, "websocket_subprotocols", _check_subprotocols(self.websocket_subprotocols)
         )
-        _check_int("websocket_max_message_size", self.websocket_max_message_size, minimum=1)
+        _check_int(
+            "websocket_max_message_size",
+            self.websocket_max_message_size,
+            minimum=1,
+            maximum=_MAX_MESSAGE_BYTES,
+        )
 
     @property
     def pinned(self) -> dict[tuple[str, int], tuple[bytes, ...]]:
@@ -254,6 +286,7 @@ class PoolOptions(TypedDict, total=False):
     metrics_port: int | None
     metrics_host: str
     metrics_auth_token: str | None
+    metrics_max_connections: int
     websocket_headers: Headers
     websocket_subprotocols: Sequence[str]
     websocket_max_message_size: int
@@ -319,11 +352,21 @@ def _known_options(options: dict[str, Any] | PoolOptions) -> dict[str, Any]:
     return dict(options)
 
 
-def _check_int(field: str, value: object, *, minimum: int) -> None:
+def _check_int(field: str, value: object, *, minimum: int, maximum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{field} must be an int, got {value!r}")
     if value < minimum:
-        raise ValueError(f"{field} must be >= {minimum}, got {value}")
+        raise ValueError(f"{field} must be >= {minimum}, got {_shown(value)}")
+    if value > maximum:
+        raise ValueError(f"{field} must be <= {maximum}, got {_shown(value)}")
+
+
+def _shown(value: float) -> str:
+    """A number for an error message: an int of thousands of digits is not spelled out
+    (past 4300 digits, str() itself refuses)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"{'a negative' if value < 0 else 'an'} int of {value.bit_length()} bits"
+    return str(value)
 
 
 def check_seconds(
@@ -336,7 +379,13 @@ def check_seconds(
 ) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{field} must be a number of {unit}, got {value!r}")
-    if math.isnan(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{field} must be {'> 0' if positive else '>= 0'} {unit}, got {value}")
+    # (an int is compared as it is: past 1.8e308, float() and math.isnan() overflow)
+    if (isinstance(value, float) and math.isnan(value)) or value < 0 or (positive and value == 0):
+        raise ValueError(
+            f"{field} must be {'> 0' if positive else '>= 0'} {unit}, got {_shown(value)}"
+        )
+    if isinstance(value, int) and value > sys.float_info.max:
+        no_limit = "" if finite else "; math.inf means no limit"
+        raise ValueError(f"{field} is too large, got {_shown(value)} {unit}{no_limit}")
     if finite and math.isinf(value):
         raise ValueError(f"{field} must be finite, got {value}")

@@ -124,7 +124,7 @@ def check_pins(pins: object) -> tuple[tuple[tuple[str, int], tuple[bytes, ...]],
     checked: dict[tuple[str, int], tuple[bytes, ...]] = {}
     for target, given in pins.items():
         endpoint = Endpoint.parse(target, field="pins")
-        field = f"pins[{target!r}]"
+        field = f"pins[{str(endpoint)!r}]"  # (its display name: no query, no secret)
         if isinstance(given, str | bytes | bytearray) or not isinstance(given, Sequence):
             given = [given]
         if not given:

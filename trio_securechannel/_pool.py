@@ -256,7 +256,15 @@ def _parse_targets(target: object) -> list[Endpoint]:
             raise ValueError("target: an empty list of relays")
         endpoints = [Endpoint.parse(one, field=f"target[{i}]") for i, one in enumerate(target)]
         if len(set(endpoints)) != len(endpoints):
-            raise ValueError(f"target: the same relay twice in {target!r}")
+            twice = next(str(e) for e in endpoints if endpoints.count(e) > 1)
+            raise ValueError(f"target: the same relay twice: {twice}")
+        names = [str(endpoint) for endpoint in endpoints]
+        if len(set(names)) != len(names):  # they differ in their queries, which are not shown
+            clash = next(name for name in names if names.count(name) > 1)
+            raise ValueError(
+                f"target: relays that differ only in their query would share a name ({clash}:"
+                " queries are not shown, they may hold secrets); give them distinct paths"
+            )
         return endpoints
     return [Endpoint.parse(target)]
 
@@ -311,11 +319,15 @@ async def _run_pool(
             body_error = exc
         finally:
             background.cancel()  # no new spares, passes or timers while closing
+            closing_began = trio.current_time()
             await _shut_down(relays)
             # Every figure is final: end the event streams (/events clients get a close).
             breaker_events.close()
             events.close()
-            await server.stop()  # after the shutdown, so /events clients saw it end
+            # After the relays, so /events clients saw it end; within what is left of
+            # shutdown_timeout, whatever the metrics clients do.
+            left = closing_began + config.shutdown_timeout - trio.current_time()
+            await server.stop(grace=left)
             nursery.cancel_scope.cancel()  # (WebSocket channels' tasks end with them)
     if body_error is not None:
         raise body_error

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
 import ssl
+import stat
 from pathlib import Path
 
 logger = logging.getLogger("trio_securechannel")
@@ -13,6 +15,10 @@ logger = logging.getLogger("trio_securechannel")
 _BEGIN = "-----BEGIN CERTIFICATE-----"
 _END = "-----END CERTIFICATE-----"
 _SAFE_MINIMUM_VERSIONS = frozenset({ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3})
+
+#: The most read of a CA bundle, or of one file of a CA directory: system bundles hold
+#: well under 1 MiB. A bigger file is no bundle (or a mistake) and is refused unread.
+MAX_CA_FILE_BYTES = 32 << 20
 
 
 def load_root_store(cafile: str | os.PathLike[str] | None = None) -> ssl.SSLContext:
@@ -22,7 +28,10 @@ def load_root_store(cafile: str | os.PathLike[str] | None = None) -> ssl.SSLCont
     only that certificate: it is skipped with a warning giving its 0-based index and
     the reason, never its PEM text. A bundle that is missing, unreadable, empty or
     holds no usable certificate gives a warning and an empty store, so every
-    handshake then fails certificate verification (fail closed).
+    handshake then fails certificate verification (fail closed). So does a bundle that
+    is not a regular file (``/dev/zero``, a FIFO) or is larger than 32 MiB: it is refused
+    unread. In a CA directory, an entry that is a symlink loop or a file over 32 MiB is
+    skipped with a warning naming it; the other entries still count.
 
     Args:
         cafile: A PEM bundle of trusted roots. When ``None``, the system roots are
@@ -121,10 +130,10 @@ def _load_system_roots(ctx: ssl.SSLContext, problems: list[str]) -> tuple[int, i
     cafile = os.environ.get("SSL_CERT_FILE") or defaults.cafile
     capath = os.environ.get("SSL_CERT_DIR") or defaults.capath
     loaded = skipped = 0
-    seen: set[Path] = set()
+    seen: set[str] = set()
     if cafile:
         loaded, skipped = _load_bundle(ctx, Path(cafile), problems)
-        seen.add(Path(cafile).resolve())
+        seen.add(os.path.realpath(cafile))  # (a loop is resolved as far as it goes)
     if capath:
         try:
             entries = sorted(Path(capath).iterdir())
@@ -134,22 +143,39 @@ def _load_system_roots(ctx: ssl.SSLContext, problems: list[str]) -> tuple[int, i
         for entry in entries:
             # Hashed directories hold symlinks to the same files (and often the bundle
             # itself) and non-PEM files: read each real file once, quietly.
-            real = entry.resolve()
-            if real not in seen and real.is_file():
+            try:
+                is_file = stat.S_ISREG(entry.stat().st_mode)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:  # a dangling link is quietly passed over
+                    logger.warning("Skipping CA directory entry %s: %s", entry, exc.strerror)
+                continue
+            real = os.path.realpath(entry)
+            if is_file and real not in seen:
                 seen.add(real)
-                counts = _load_bundle(ctx, entry, [])
+                found: list[str] = []
+                counts = _load_bundle(ctx, entry, found, quiet=True)
                 loaded, skipped = loaded + counts[0], skipped + counts[1]
+                for problem in found:
+                    logger.warning("Skipping CA directory entry %s", problem)
     sources = " and ".join(source for source in (cafile, capath) if source) or "nowhere"
     return loaded, skipped, sources
 
 
-def _load_bundle(ctx: ssl.SSLContext, path: Path, problems: list[str]) -> tuple[int, int]:
-    """Load every certificate block of one PEM file; return (loaded, skipped)."""
+def _load_bundle(
+    ctx: ssl.SSLContext, path: Path, problems: list[str], *, quiet: bool = False
+) -> tuple[int, int]:
+    """Load every certificate block of one PEM file; return (loaded, skipped).
+
+    ``quiet`` (a file of a CA directory): only a file over the size cap is a problem.
+    """
     try:
-        # PEM is ASCII; anything else inside a block makes only that block bad.
-        text = path.read_text(encoding="ascii", errors="replace")
+        text = _read_pem(path)
+    except _TooLarge as exc:
+        problems.append(f"{path}: {exc}")
+        return 0, 0
     except (OSError, ValueError) as exc:
-        problems.append(f"{path}: cannot read it ({getattr(exc, 'strerror', None) or exc})")
+        if not quiet:
+            problems.append(f"{path}: cannot read it ({getattr(exc, 'strerror', None) or exc})")
         return 0, 0
     loaded = skipped = 0
     for index, block in enumerate(_split_blocks(text)):
@@ -159,11 +185,37 @@ def _load_bundle(ctx: ssl.SSLContext, path: Path, problems: list[str]) -> tuple[
         else:
             skipped += 1
             logger.warning("Skipping certificate block %d of CA bundle %s: %s", index, path, reason)
-    if loaded == 0:
+    if loaded == 0 and not quiet:
         problems.append(
             f"{path}: no usable certificate" if skipped else f"{path}: no PEM certificate in it"
         )
     return loaded, skipped
+
+
+class _TooLarge(ValueError):
+    """A file over `MAX_CA_FILE_BYTES`."""
+
+
+def _read_pem(path: Path) -> str:
+    """Read a PEM file of at most `MAX_CA_FILE_BYTES`, as ASCII (anything else inside a
+    block makes only that block bad).
+
+    Raises:
+        OSError: It cannot be opened or read, or is not a regular file (a device such
+            as ``/dev/zero`` would be read forever, a FIFO would wait for a writer).
+        _TooLarge: It is larger than the cap.
+    """
+    if not stat.S_ISREG(os.stat(path).st_mode):  # checked before opening a device
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    # O_NONBLOCK: should it have become a FIFO since, opening it does not wait.
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    with open(os.open(path, flags), "rb") as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        data = file.read(MAX_CA_FILE_BYTES + 1)
+    if len(data) > MAX_CA_FILE_BYTES:
+        raise _TooLarge(f"larger than {MAX_CA_FILE_BYTES >> 20} MiB, not a CA bundle")
+    return data.decode("ascii", errors="replace")
 
 
 def _split_blocks(text: str) -> list[str | None]:
