@@ -278,3 +278,23 @@ async def test_a_busy_metrics_port_is_a_plain_os_error(
                 relay.target, ssl_context=client_context, metrics_port=address[1]
             ):
                 pytest.fail("the port is taken")
+
+
+async def test_an_events_listener_that_only_listens_outlives_the_read_timeout(
+    relay: Relay, client_context: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server_module, "READ_TIMEOUT", 1.0)
+    monkeypatch.setattr(server_module, "KEEP_ALIVE_TIMEOUT", 1.0)
+    monkeypatch.setattr(server_module, "STATUS_EVERY", 60.0)  # nothing but pings meanwhile
+    # trio-websocket answers the server's pings by itself; it never sends anything else.
+    async with (
+        metrics_pool(relay, client_context) as (pool, address),
+        open_websocket_url(f"ws://{address[0]}:{address[1]}/events") as ws,
+    ):
+        assert json.loads(await ws.get_message())["type"] == "status"
+        await trio.sleep(3)  # three read timeouts of listening
+        async with pool.connection() as channel:
+            assert await echo(channel, b"x") == b"x"
+        with trio.fail_after(2):
+            opened = json.loads(await ws.get_message())
+        assert (opened["type"], opened["channel"]) == ("channel_opened", channel.id)

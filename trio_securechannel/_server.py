@@ -12,21 +12,46 @@ Routes (GET or HEAD; ``/events`` is a WebSocket):
 With ``metrics_auth_token`` set, all but ``/healthz`` require ``X-Auth-Token: <token>`` or
 ``Authorization: Bearer <token>``, compared in constant time; a missing or wrong token gets
 the same 401. The token is never logged and never sent back.
+
+Hostile or broken clients cannot hold the server, nor the pool's exit:
+
+- at most ``metrics_max_connections`` connections at once (``/events`` listeners too): when
+  full, the oldest idle one is closed to make room, or, none being idle, the new one is
+  closed at once; so the port never eats the file descriptors relay traffic needs;
+- a client silent for `READ_TIMEOUT` is dropped; ``/events`` listeners are pinged twice per
+  `READ_TIMEOUT`, so the ones that answer stay and the ones that stop answering go;
+- a client that takes none of our bytes for `WRITE_TIMEOUT` is dropped (reset);
+- when the pool closes, the server stops accepting, lets open exchanges finish for up to
+  `GRACE` (at most ``shutdown_timeout``), then resets whatever is left.
+
+Hypercorn's trio worker does the HTTP and WebSocket work, one `TCPServer` per connection;
+the accept loop, the connection table and the shutdown are ours, because hypercorn writes
+in shielded scopes: no cancellation ends a write to a client that stopped reading, only
+closing its socket does.
 """
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import logging
+import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, cast, final
 
 import trio
+from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config
-from hypercorn.trio import serve
+from hypercorn.events import Event as ProtocolEvent
+from hypercorn.events import Updated
+from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ._breaker import BreakerState
@@ -51,12 +76,26 @@ STATUS_EVERY: Final = 5.0
 #: its keep-alive timer runs out too.
 READ_TIMEOUT = 5.0
 KEEP_ALIVE_TIMEOUT = 5.0
-#: Seconds the server may take to finish open exchanges when the pool closes.
+#: Seconds a client may take to accept any of a response's next 64 KiB: past that it is
+#: reset. (A client that stops reading would otherwise hold a task and a socket forever.)
+WRITE_TIMEOUT = 10.0
+#: Seconds the server may take to finish open exchanges when the pool closes (at most the
+#: pool's ``shutdown_timeout``); then what is left is reset.
 GRACE: Final = 1.0
 #: Request headers beyond this many bytes get a 431 (hypercorn bounds what it buffers for
 #: a request still arriving; this bounds one that arrived whole).
 MAX_HEADER_BYTES: Final = 8 * 1024
 _UNAUTHORIZED_HEADERS: Final = [(b"www-authenticate", b'Bearer realm="trio_securechannel"')]
+#: Writes are timed in pieces this big: a slow client that reads is never cut off.
+_WRITE_PIECE: Final = 64 * 1024
+#: Out of descriptors (or memory) to accept with: wait this long and try again, as
+#: `trio.serve_listeners` does.
+_ACCEPT_PAUSE: Final = 0.1
+_ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+)
+#: SO_LINGER on, for 0 s: close() resets the connection and discards unsent data.
+_RESET_ON_CLOSE: Final = struct.pack("ii", 1, 0)
 
 logger = logging.getLogger("trio_securechannel.metrics")
 
@@ -155,14 +194,22 @@ class MetricsApp:
 
 @final
 class MetricsServer:
-    """Runs hypercorn for one pool: started before the pool is handed out, stopped after it
-    has shut down, gracefully, so ``/events`` clients see the stream end."""
+    """Serves one pool's figures: started before the pool is handed out, stopped after it
+    has shut down (so ``/events`` clients see the stream end), within a bounded time
+    whatever its clients do."""
 
     def __init__(self, config: PoolConfig) -> None:
         self._config = config
         self._stop = trio.Event()
         self._stopped: trio.Event | None = None
+        self._connections = _Connections(config.metrics_max_connections)
+        self._grace = min(GRACE, config.shutdown_timeout)
         self.address: tuple[str, int] | None = None  # once started
+
+    @property
+    def open_connections(self) -> int:
+        """Connections the server holds open (at most ``metrics_max_connections``)."""
+        return len(self._connections)
 
     async def start(self, nursery: trio.Nursery, pool: SecureChannelPool) -> tuple[str, int]:
         """Serve ``pool``'s figures in ``nursery``; return the bound ``(host, port)``.
@@ -175,11 +222,15 @@ class MetricsServer:
         self.address = await nursery.start(self._serve, listener, pool)
         return self.address
 
-    async def stop(self) -> None:
-        """Stop accepting, let open exchanges finish (briefly), and return."""
+    async def stop(self, *, grace: float | None = None) -> None:
+        """Stop accepting, let open exchanges finish (for up to `GRACE`, at most
+        ``shutdown_timeout``, at most ``grace``), reset the connections left, and return."""
+        if grace is not None:
+            self._grace = max(0.0, min(self._grace, grace))
         self._stop.set()
         if self._stopped is not None:
-            with trio.CancelScope(shield=True), trio.move_on_after(GRACE):
+            # `_serve` ends by itself once the grace is over; the bound is a backstop.
+            with trio.CancelScope(shield=True), trio.move_on_after(self._grace + 1):
                 await self._stopped.wait()
 
     async def _serve(
@@ -191,16 +242,199 @@ class MetricsServer:
     ) -> None:
         assert self._stopped is not None
         try:
-            async with trio.open_nursery() as nursery:
+            with listener:
+                config = _config()
                 # The app speaks ASGI in plain dicts; hypercorn's typing wants its TypedDicts.
-                app = cast("ASGIFramework", MetricsApp(pool))
-                config = _config(f"fd://{listener.detach()}")  # hypercorn owns it from here
-                run = partial(serve, app, config, shutdown_trigger=self._stop.wait)
-                binds: list[str] = await nursery.start(run)
-                host, _, port = binds[0].removeprefix("http://").rpartition(":")
-                task_status.started((host.strip("[]"), int(port)))
+                app = ASGIWrapper(cast("ASGIFramework", MetricsApp(pool)))
+                context = WorkerContext(None)
+                listener.listen(config.backlog)
+                host, port = listener.getsockname()[:2]
+                accepting = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
+                async with trio.open_nursery() as handlers:
+                    try:
+                        async with trio.open_nursery() as acceptor:
+                            handle = partial(self._handle, app, config, context)
+                            acceptor.start_soon(self._accept, accepting, handlers, handle)
+                            task_status.started((host, port))
+                            await self._stop.wait()
+                            acceptor.cancel_scope.cancel()  # (closes the listener)
+                        # No new request on open connections; idle ones close at once.
+                        await context.terminated.set()
+                        with trio.move_on_after(self._grace):
+                            await self._connections.wait_empty()
+                    finally:
+                        # Even (above all) the ones stuck in a shielded write.
+                        self._connections.close_all(reset=True)
+                        handlers.cancel_scope.cancel()
         finally:
             self._stopped.set()
+
+    async def _accept(
+        self,
+        listener: trio.SocketListener,
+        handlers: trio.Nursery,
+        handle: Callable[[_Connection], Awaitable[None]],
+    ) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    logger.warning(
+                        "metrics server cannot accept (%s); retrying in %s s",
+                        os.strerror(exc.errno),
+                        _ACCEPT_PAUSE,
+                    )
+                    await trio.sleep(_ACCEPT_PAUSE)
+                    continue
+                connection = self._connections.admit(stream)
+                if connection is None:  # full of busy ones: refused at once, not queued
+                    logger.debug("metrics server full: connection refused")
+                    stream.socket.close()
+                    continue
+                handlers.start_soon(handle, connection)
+
+    async def _handle(
+        self, app: ASGIWrapper, config: Config, context: WorkerContext, connection: _Connection
+    ) -> None:
+        try:
+            await _Handler(app, config, context, connection, self._connections).run()
+        except Exception:
+            # One connection's trouble must not take the server, and the pool, down.
+            logger.exception("metrics server: a connection failed")
+        finally:
+            self._connections.close(connection)
+
+
+@final
+class _Connection:
+    """One accepted connection, as the table sees it."""
+
+    __slots__ = ("idle", "stream")
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        #: No request in hand: hypercorn says when one starts and when it is answered.
+        self.idle = True
+
+
+@final
+class _Connections:
+    """The server's open connections, oldest first, at most ``cap`` of them."""
+
+    def __init__(self, cap: int) -> None:
+        self._cap = cap
+        self._open: dict[_Connection, None] = {}  # (ordered: oldest first)
+        self._empty = trio.Event()
+        self._empty.set()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def admit(self, stream: trio.SocketStream) -> _Connection | None:
+        """Take ``stream`` in, closing the oldest idle connection if full; None if every
+        connection is busy (the caller closes ``stream``)."""
+        if len(self._open) >= self._cap:
+            oldest_idle = next((c for c in self._open if c.idle), None)
+            if oldest_idle is None:
+                return None
+            logger.debug("metrics server full: oldest idle connection closed")
+            self.close(oldest_idle)
+        connection = _Connection(stream)
+        self._open[connection] = None
+        if self._empty.is_set():
+            self._empty = trio.Event()
+        return connection
+
+    def close(self, connection: _Connection, *, reset: bool = False) -> None:
+        """Close ``connection``'s socket now (idempotent). Whatever task waits on it wakes
+        up (trio's `notify_closing`), in a shielded scope or not. ``reset``: discard what
+        is unsent and send an RST, for a peer that does not read."""
+        sock = connection.stream.socket
+        if reset:
+            with suppress(OSError):  # (closed already)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+        sock.close()
+        self._open.pop(connection, None)
+        if not self._open:
+            self._empty.set()
+
+    def close_all(self, *, reset: bool = False) -> None:
+        for connection in list(self._open):
+            self.close(connection, reset=reset)
+
+    async def wait_empty(self) -> None:
+        await self._empty.wait()
+
+
+@final
+class _Guarded(trio.abc.HalfCloseableStream):
+    """A connection's stream as hypercorn sees it, with a deadline on its writes.
+
+    Hypercorn writes in a shielded scope, so a client that stops reading would hold the
+    write forever; this deadline is inside the shield. Past it the connection is reset and
+    the write fails as one to a client that went away would."""
+
+    def __init__(self, connection: _Connection, connections: _Connections) -> None:
+        self._connection = connection
+        self._connections = connections
+        self._stream = connection.stream
+        self.socket = connection.stream.socket  # hypercorn reads the addresses off it
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        with memoryview(data) as view:
+            for start in range(0, max(len(view), 1), _WRITE_PIECE):
+                with trio.move_on_after(WRITE_TIMEOUT) as waiting:
+                    await self._stream.send_all(view[start : start + _WRITE_PIECE])
+                if waiting.cancelled_caught:
+                    logger.debug("metrics client takes no data: connection reset")
+                    self._connections.close(self._connection, reset=True)
+                    raise trio.BrokenResourceError("the client stopped reading")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        # Out of the table at once: hypercorn's tasks may linger a while (its pinger sleeps).
+        self._connections.close(self._connection)
+        await trio.lowlevel.checkpoint()
+
+
+@final
+class _Handler(TCPServer):
+    """Hypercorn's handler of one connection, telling the table when it is idle."""
+
+    def __init__(
+        self,
+        app: ASGIWrapper,
+        config: Config,
+        context: WorkerContext,
+        connection: _Connection,
+        connections: _Connections,
+    ) -> None:
+        # Without `do_handshake`, hypercorn takes the stream for plain TCP.
+        stream = cast("trio.SSLStream[trio.SocketStream]", _Guarded(connection, connections))
+        super().__init__(app, config, context, {}, stream)
+        self._connection = connection
+        self._connections = connections
+
+    async def protocol_send(self, event: ProtocolEvent) -> None:
+        if isinstance(getattr(getattr(self, "protocol", None), "protocol", None), H2Protocol):
+            # No HTTP/2 here (a preface or an h2c upgrade): its flow control can hold a
+            # connection busy for ever with nothing written and pings to look alive.
+            self._connections.close(self._connection, reset=True)
+            return
+        if isinstance(event, Updated):
+            self._connection.idle = event.idle
+        await super().protocol_send(event)
 
 
 async def _bind(host: str, port: int | None) -> socket.socket:
@@ -228,9 +462,8 @@ async def _bind(host: str, port: int | None) -> socket.socket:
     return listener
 
 
-def _config(bind: str) -> Config:
+def _config() -> Config:
     config = Config()
-    config.bind = [bind]
     config.accesslog = None  # request lines and headers stay out of the logs
     config.errorlog = logger
     config.include_server_header = False
@@ -239,7 +472,9 @@ def _config(bind: str) -> Config:
     config.read_timeout = READ_TIMEOUT  # type: ignore[assignment]
     config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
     config.websocket_max_message_size = 4 * 1024  # /events only sends
-    config.graceful_timeout = GRACE
+    # /events clients send nothing but pongs: pinged twice per read timeout, a listener
+    # that answers is never silent for that long; one that stops answering is dropped.
+    config.websocket_ping_interval = READ_TIMEOUT / 2
     return config
 
 
