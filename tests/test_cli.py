@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +22,10 @@ from jsonrpc_relay import JsonRpcRelay
 from relay import Relay, closed_port
 
 ENV = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
+ROOT = Path(__file__).resolve().parent.parent
 
 
-async def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+async def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
     with trio.fail_after(60):
         return await trio.run_process(
             [sys.executable, "-m", "trio_securechannel", *args],
@@ -30,6 +33,7 @@ async def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
             capture_stderr=True,
             check=False,
             env=ENV,
+            cwd=cwd,
         )
 
 
@@ -63,6 +67,71 @@ async def test_demo_with_the_relay_going_down_opens_the_breaker() -> None:
     assert done.returncode == 0, done.stderr.decode()
     opened = next(line for line in out.splitlines() if "breaker opened" in line)
     assert int(opened.split("│")[2]) >= 1  # down at 3 s, for 4 s
+
+
+async def interrupt_the_demo(*gaps: float) -> tuple[int, str, str]:
+    """Start the demo, wait until its traffic runs, press Ctrl-C (SIGINT), then once more
+    after each of ``gaps`` seconds; return its exit status, standard output and error."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trio_securechannel", "demo", "--duration", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
+    assert process.stdout is not None
+    assert process.stderr is not None
+    stdout, stderr = bytearray(), bytearray()
+    running = trio.Event()
+
+    async def read(stream: trio.abc.ReceiveStream, into: bytearray) -> None:
+        async with stream:
+            async for chunk in stream:
+                into += chunk
+                # Its last line before the traffic starts: the relay, the pool and the
+                # metrics server are up.
+                if b"try:     curl" in stdout:
+                    running.set()
+        running.set()  # or it ended before that
+
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read, process.stdout, stdout)
+                nursery.start_soon(read, process.stderr, stderr)
+                await running.wait()
+                assert process.returncode is None, stderr.decode()
+                await trio.sleep(0.5)  # round trips under way
+                process.send_signal(signal.SIGINT)
+                for gap in gaps:
+                    await trio.sleep(gap)
+                    process.send_signal(signal.SIGINT)
+            status = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+    return status, stdout.decode(), stderr.decode()
+
+
+async def test_demo_stopped_by_ctrl_c_prints_its_summary_and_exits_130() -> None:
+    status, out, err = await interrupt_the_demo()
+    assert status == 130, err
+    assert "stopped early, after " in out
+    assert "Summary" in out
+    round_trips = next(line for line in out.splitlines() if "│ round trips  " in line)
+    assert int(round_trips.split("│")[2].strip().replace(",", "")) > 0
+    assert err == ""
+
+
+@pytest.mark.parametrize("gap", [0.03, 0.06], ids=["30ms", "60ms"])
+async def test_demo_stopped_by_ctrl_c_twice_exits_130_without_a_traceback(gap: float) -> None:
+    # The second press finds the demo stopping its traffic, closing its pool, printing its
+    # summary or already on its way out, as it comes: 130 all the same, at most one line.
+    status, _, err = await interrupt_the_demo(gap)
+    assert status == 130, err
+    assert "Traceback" not in err
+    assert err.splitlines() in ([], ["interrupted"])
 
 
 async def test_probe_prints_the_certificate_facts(relay: Relay, ca_file: Path) -> None:
@@ -190,6 +259,59 @@ async def test_bad_arguments_are_usage_errors(args: list[str]) -> None:
     done = await cli(*args)
     assert done.returncode == 2
     assert b"usage: trio-securechannel" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--workers", "10000000"], "argument --workers: must be from 1 to 1000: '10000000'"),
+        (["--workers", "0"], "argument --workers: must be from 1 to 1000: '0'"),
+        (["--duration", "1e9"], "argument --duration: must be from 0.1 to 86400: '1e9'"),
+        (["--duration", "0.01"], "argument --duration: must be from 0.1 to 86400: '0.01'"),
+    ],
+    ids=["too-many-workers", "no-workers", "too-long", "too-short"],
+)
+async def test_demo_bounds_are_usage_errors_that_name_them(args: list[str], error: str) -> None:
+    done = await cli("demo", *args)
+    assert done.returncode == 2
+    assert done.stdout == b""
+    lines = done.stderr.decode().splitlines()
+    assert lines[0].startswith("usage: trio-securechannel demo")
+    assert lines[-1] == f"trio-securechannel demo: error: {error}"
+
+
+async def test_bench_help_shows_the_suites_options() -> None:
+    done = await cli("bench", "--help")
+    assert done.returncode == 0
+    for option in (b"--quick", b"--json PATH", b"--repeats N", b"--only NAMES"):
+        assert option in done.stdout, option
+
+
+needs_the_benchmarks = pytest.mark.skipif(
+    not (ROOT / "benchmarks" / "__main__.py").is_file()
+    or any(importlib.util.find_spec(name) is None for name in ("httpcore", "aiorpcx")),
+    reason="the benchmarks need a source checkout and the bench extra",
+)
+
+
+@needs_the_benchmarks
+async def test_bench_passes_its_options_on_to_the_suite() -> None:
+    done = await cli("bench", "--quick", "--only", "4")  # the checkout case: seconds
+    assert done.returncode == 0, done.stderr.decode()
+    out = done.stdout.decode()
+    assert "| 4 | checkout + give-back" in out
+    assert "quick run, 5 repeats" in out
+
+
+@needs_the_benchmarks
+async def test_bench_writes_json_where_it_was_asked_to(tmp_path: Path) -> None:
+    # The suite runs in the checkout: a relative path is still the caller's.
+    done = await cli("bench", "--json", "results.json", "--quick", "--only", "4", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr.decode()
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["settings"]["quick"] is True
+    assert report["settings"]["only"] == ["checkout"]
+    assert report["results"]
 
 
 async def test_every_subcommand_has_help_with_examples() -> None:

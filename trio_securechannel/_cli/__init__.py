@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
+_N = TypeVar("_N", int, float)
 
 DESCRIPTION = "A Trio pool of TLS channels to relays: see it work, check a relay, measure it."
 
@@ -33,7 +39,14 @@ _BENCH_EXAMPLES = """\
 examples:
   trio-securechannel bench --quick             # a smoke run, under a minute
   trio-securechannel bench --json results.json
+  trio-securechannel bench --quick --only 4,checkout --repeats 7
 """
+
+#: ``demo --workers`` and ``--duration``: a demo on one machine, not a load generator.
+DEMO_WORKERS = (1, 1000)
+DEMO_DURATION = (0.1, 86_400.0)  # seconds: a tenth of a second to a day
+#: The exit status after Ctrl-C (SIGINT), as a shell reports a process it interrupted.
+INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,12 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="traffic through a pool to an embedded local TLS relay, with live figures",
         description="Start a TLS echo relay on 127.0.0.1 (throwaway CA), open a pool against "
-        "it with its metrics server, drive traffic and show what the pool sees.",
+        "it with its metrics server, drive traffic and show what the pool sees. Ctrl-C stops "
+        "the traffic and prints the summary, a second Ctrl-C stops at once; either way the "
+        "exit status is 130.",
         epilog=_DEMO_EXAMPLES,
         formatter_class=formatter,
     )
-    demo.add_argument("--duration", type=_positive_float, default=10.0, help="seconds (10)")
-    demo.add_argument("--workers", type=_positive_int, default=8, help="concurrent tasks (8)")
+    demo.add_argument(
+        "--duration",
+        type=_bounded(float, *DEMO_DURATION),
+        default=10.0,
+        help=f"seconds, {DEMO_DURATION[0]:g} to {DEMO_DURATION[1]:g} (10)",
+    )
+    demo.add_argument(
+        "--workers",
+        type=_bounded(int, *DEMO_WORKERS),
+        default=8,
+        help=f"concurrent tasks, {DEMO_WORKERS[0]} to {DEMO_WORKERS[1]} (8)",
+    )
     demo.add_argument(
         "--fault",
         choices=["none", "flaky", "down", "slow"],
@@ -94,16 +119,44 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench",
         help="run the benchmark suite (from a source checkout) and print its table",
+        description="Run the benchmark suite of a source checkout (python -m benchmarks) and "
+        "print its table. Options it does not know itself are passed on to the suite as "
+        "they are.",
         epilog=_BENCH_EXAMPLES,
         formatter_class=formatter,
     )
-    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the benchmarks")
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller sizes, a smoke run in under a minute (not a timing gate)",
+    )
+    bench.add_argument(
+        "--json", metavar="PATH", help="also write the results as JSON (relative to here)"
+    )
+    bench.add_argument(
+        "--repeats",
+        type=_positive_int,
+        metavar="N",
+        help="measured repeats per variant after one warm-up (the suite's minimum, 5)",
+    )
+    bench.add_argument(
+        "--only",
+        action="append",
+        metavar="NAMES",
+        help="comma-separated measurement numbers or names, e.g. 4 or checkout (python -m "
+        "benchmarks --help lists them); may be repeated",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Known options only, so that bench can pass the suite's others on: argparse.REMAINDER
+    # after a subcommand refuses anything that starts with "-".
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "demo":
             from ._demo import demo
@@ -115,19 +168,45 @@ def main(argv: Sequence[str] | None = None) -> int:
             return probe(args)
         from ._bench import bench
 
-        return bench(args.args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return bench(args, extra)
     except ImportError as exc:
         print(f"error: {exc.name or exc} is missing: pip install 'trio-securechannel[cli]'",
               file=sys.stderr)  # fmt: skip
         return 1
+    except BaseException as exc:  # Ctrl-C only: anything else goes on up
+        if not interrupted(exc):
+            raise
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 def run() -> None:
     """Console-script entry point."""
     sys.exit(main())
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` is Ctrl-C: a KeyboardInterrupt, or a group (from Trio's nurseries) of
+    nothing but KeyboardInterrupts."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(interrupted(inner) for inner in exc.exceptions)
+    return isinstance(exc, KeyboardInterrupt)
+
+
+def _bounded(kind: Callable[[str], _N], low: _N, high: _N) -> Callable[[str], _N]:
+    """An argparse type: a number of ``kind`` from ``low`` to ``high``, both included."""
+    noun = "whole number" if kind is int else "number"
+
+    def parse(text: str) -> _N:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {noun}: {text!r}") from None
+        if not low <= value <= high:  # a NaN too
+            raise argparse.ArgumentTypeError(f"must be from {low:g} to {high:g}: {text!r}")
+        return value
+
+    return parse
 
 
 def _positive_float(text: str) -> float:

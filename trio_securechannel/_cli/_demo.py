@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import secrets
 import signal
+import sys
 from collections import deque
+from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
@@ -16,6 +18,7 @@ from rich.table import Table
 
 import trio_securechannel as sc
 
+from . import INTERRUPTED
 from ._demo_relay import DemoRelay, Fault
 
 PAYLOAD = b'{"jsonrpc": "2.0", "method": "blockchain.transaction.broadcast", "params": ["02..."]}\n'
@@ -126,12 +129,58 @@ def summary_table(status: dict[str, Any], traffic: Traffic, elapsed: float) -> T
     return table
 
 
+class CtrlC:
+    """The demo's Ctrl-C (SIGINT) presses: the first stops the traffic, the summary is still
+    printed; a second stops everything at once. Either way the exit status is 130.
+
+    Not one press becomes a KeyboardInterrupt: Trio would raise it through the nurseries as
+    an exception group (a traceback), and Python at exit would die of it. While the demo
+    runs, Trio's signal receiver takes the presses (`watch`); before it opens and after it
+    closes, `handler` counts them (Trio leaves a custom SIGINT handler alone).
+    """
+
+    def __init__(self) -> None:
+        self.presses = 0
+        self.forced = False  # a second press cut the demo short
+
+    def handler(self, signum: int, frame: object) -> None:
+        self.presses += 1
+
+    async def watch(
+        self, presses: AsyncIterator[int], stop: trio.Event, everything: trio.CancelScope
+    ) -> None:
+        """Stop the traffic on the first press, ``everything`` on the second (counting those
+        before this began)."""
+        self._act(stop, everything)
+        async for _ in presses:
+            self.presses += 1
+            self._act(stop, everything)
+
+    def _act(self, stop: trio.Event, everything: trio.CancelScope) -> None:
+        if self.presses:
+            stop.set()  # the workers stop between round trips, then the summary
+        if self.presses > 1:
+            self.forced = True
+            everything.cancel()  # no more waiting
+
+
 async def run_demo(
-    duration: float, workers: int, fault: Fault, console: Console, websocket: bool = False
+    duration: float, workers: int, fault: Fault, console: Console, websocket: bool, ctrl_c: CtrlC
+) -> None:
+    """Run the demo and print its summary, or stop at once on a second Ctrl-C."""
+    traffic = Traffic()
+    with trio.open_signal_receiver(signal.SIGINT) as presses:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ctrl_c.watch, presses, traffic.stop, nursery.cancel_scope)
+            await _run(duration, workers, fault, console, websocket, traffic)
+            nursery.cancel_scope.cancel()
+
+
+async def _run(
+    duration: float, workers: int, fault: Fault, console: Console, websocket: bool, traffic: Traffic
 ) -> None:
     relay = DemoRelay(fault, websocket=websocket)
     token = secrets.token_urlsafe(16)
-    traffic = Traffic()
     async with trio.open_nursery() as nursery:
         await nursery.start(relay.serve)
         options: dict[str, Any] = {
@@ -158,7 +207,6 @@ async def run_demo(
             console.print(f'try:     curl -H "Authorization: Bearer {token}" '
                           f"http://{host}:{port}/status", soft_wrap=True)  # fmt: skip
             began = trio.current_time()
-            nursery.start_soon(_stop_on_ctrl_c, traffic.stop)
             async with trio.open_nursery() as traffic_nursery:
                 for _ in range(workers):
                     traffic_nursery.start_soon(worker, pool, traffic, websocket)
@@ -178,21 +226,23 @@ async def run_demo(
     console.print(summary_table(status, traffic, elapsed))
 
 
-async def _stop_on_ctrl_c(stop: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGINT) as signals:
-        async for _ in signals:
-            stop.set()  # Ctrl-C: stop the traffic, still print the summary
-            return
-
-
 def demo(duration: float, workers: int, fault: Fault, websocket: bool = False) -> int:
     console = Console()
     # The pool's own warnings (the breaker opening, spares failing) scroll above the live
     # table instead of tearing through it.
     handler = RichHandler(console=console, show_path=False, markup=False)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s")
-    trio.run(run_demo, duration, workers, fault, console, websocket)
-    return 0
+    ctrl_c = CtrlC()
+    signal.signal(signal.SIGINT, ctrl_c.handler)
+    try:
+        trio.run(run_demo, duration, workers, fault, console, websocket, ctrl_c)
+    finally:
+        # Nothing is left but the interpreter's exit, which would put a Python handler back
+        # to the default, dying of a late press: ignored (left as it is) instead.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if ctrl_c.forced:
+        print("interrupted", file=sys.stderr)
+    return INTERRUPTED if ctrl_c.presses else 0
 
 
 def _ms(value: float | None) -> str:
