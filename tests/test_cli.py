@@ -251,6 +251,7 @@ BAD_ARGUMENTS = [
     ["demo", "--fault", "meteor"],
     ["probe"],
     ["probe", "x:1", "--count", "zero"],
+    ["probe", "x:1", "--count", "10000001"],
 ]
 
 

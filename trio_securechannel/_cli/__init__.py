@@ -45,6 +45,8 @@ examples:
 #: ``demo --workers`` and ``--duration``: a demo on one machine, not a load generator.
 DEMO_WORKERS = (1, 1000)
 DEMO_DURATION = (0.1, 86_400.0)  # seconds: a tenth of a second to a day
+#: ``probe --count``: round trips to measure a relay by, not to load it.
+PROBE_COUNT = (1, 10_000)
 #: The exit status after Ctrl-C (SIGINT), as a shell reports a process it interrupted.
 INTERRUPTED = 130
 
@@ -101,7 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     probe.add_argument("target", help="HOST:PORT, [V6ADDR]:PORT or wss://HOST[:PORT]/PATH")
     probe.add_argument("--cafile", help="trust this PEM bundle instead of the system roots")
-    probe.add_argument("--count", type=_positive_int, default=5, help="round trips (5)")
+    probe.add_argument(
+        "--count",
+        type=_bounded(int, *PROBE_COUNT),
+        default=5,
+        help="round trips (5; at most 10000)",
+    )
     probe.add_argument(
         "--send",
         metavar="LINE",
