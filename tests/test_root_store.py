@@ -30,6 +30,15 @@ def write_bundle(path: Path, *blocks: str) -> Path:
     return path
 
 
+def cert_dir_with(tmp_path: Path, *files: tuple[str, str]) -> Path:
+    """An ``SSL_CERT_DIR``-style directory holding ``(name, PEM text)`` files."""
+    cert_dir = tmp_path / "certs"
+    cert_dir.mkdir()
+    for name, pem in files:
+        write_bundle(cert_dir / name, pem)
+    return cert_dir
+
+
 def ca_count(ctx: ssl.SSLContext) -> int:
     return ctx.cert_store_stats()["x509_ca"]
 
@@ -260,10 +269,7 @@ def test_ssl_cert_file_is_honoured(
 def test_ssl_cert_dir_is_honoured_next_to_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cert_dir = tmp_path / "certs"
-    cert_dir.mkdir()
-    write_bundle(cert_dir / "one.pem", GOOD_PEMS[1])
-    write_bundle(cert_dir / "two.pem", GOOD_PEMS[2])
+    cert_dir = cert_dir_with(tmp_path, ("one.pem", GOOD_PEMS[1]), ("two.pem", GOOD_PEMS[2]))
     (cert_dir / "0a1b2c3d.0").symlink_to(cert_dir / "two.pem")  # hashed-dir duplicate
     (cert_dir / "README").write_text("not a certificate\n")
     (cert_dir / "subdir").mkdir()
@@ -373,10 +379,7 @@ def test_field_name_is_used_in_messages() -> None:
 def test_symlink_loop_in_cert_dir_costs_only_that_entry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cert_dir = tmp_path / "certs"
-    cert_dir.mkdir()
-    write_bundle(cert_dir / "one.pem", GOOD_PEMS[1])
-    write_bundle(cert_dir / "two.pem", GOOD_PEMS[2])
+    cert_dir = cert_dir_with(tmp_path, ("one.pem", GOOD_PEMS[1]), ("two.pem", GOOD_PEMS[2]))
     loop = cert_dir / "5d0f1a2b.0"
     loop.symlink_to(loop.name)  # points at itself: resolving it never ends
     monkeypatch.setenv("SSL_CERT_FILE", str(write_bundle(tmp_path / "env.pem", GOOD_PEMS[0])))
@@ -393,9 +396,7 @@ def test_symlink_loop_in_cert_dir_costs_only_that_entry(
 def test_symlink_loop_as_ssl_cert_file_keeps_the_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cert_dir = tmp_path / "certs"
-    cert_dir.mkdir()
-    write_bundle(cert_dir / "one.pem", GOOD_PEMS[1])
+    cert_dir = cert_dir_with(tmp_path, ("one.pem", GOOD_PEMS[1]))
     first, second = tmp_path / "a.pem", tmp_path / "b.pem"
     first.symlink_to(second)
     second.symlink_to(first)
@@ -440,10 +441,7 @@ def test_non_regular_bundle_is_refused_with_a_warning(
 def test_dev_zero_as_ssl_cert_file_keeps_the_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cert_dir = tmp_path / "certs"
-    cert_dir.mkdir()
-    write_bundle(cert_dir / "one.pem", GOOD_PEMS[1])
-    write_bundle(cert_dir / "two.pem", GOOD_PEMS[2])
+    cert_dir = cert_dir_with(tmp_path, ("one.pem", GOOD_PEMS[1]), ("two.pem", GOOD_PEMS[2]))
     (cert_dir / "3c4d5e6f.0").symlink_to("/dev/zero")  # in the directory: passed over
     monkeypatch.setenv("SSL_CERT_FILE", "/dev/zero")
     monkeypatch.setenv("SSL_CERT_DIR", str(cert_dir))
@@ -479,9 +477,7 @@ def test_huge_bundle_is_refused_unread(tmp_path: Path, caplog: pytest.LogCapture
 def test_huge_file_in_cert_dir_costs_only_that_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cert_dir = tmp_path / "certs"
-    cert_dir.mkdir()
-    write_bundle(cert_dir / "one.pem", GOOD_PEMS[1])
+    cert_dir = cert_dir_with(tmp_path, ("one.pem", GOOD_PEMS[1]))
     huge = _huge(cert_dir / "two.pem", GOOD_PEMS[2])
     monkeypatch.setenv("SSL_CERT_FILE", str(write_bundle(tmp_path / "env.pem", GOOD_PEMS[0])))
     monkeypatch.setenv("SSL_CERT_DIR", str(cert_dir))

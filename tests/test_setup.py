@@ -112,6 +112,20 @@ async def test_an_electrum_relay_hangs_up_on_a_channel_that_was_not_set_up(
     assert electrum.negotiated == 0
 
 
+async def echo_at_once(pool: sc.SecureChannelPool, count: int) -> dict[int, object]:
+    """``count`` JSON-RPC echo calls at once: what each got back."""
+    client = JsonRpcClient(pool)
+    results: dict[int, object] = {}
+
+    async def call(number: int) -> None:
+        results[number] = await client.call("echo", number)
+
+    async with trio.open_nursery() as nursery:
+        for number in range(count):
+            nursery.start_soon(call, number)
+    return results
+
+
 # -- new channels, and only those, are set up ----------------------------------------------
 
 
@@ -126,16 +140,7 @@ async def test_setup_runs_once_on_each_new_channel_before_it_is_lent(
         max_connections=4,
         acquire_timeout=5,
     ) as pool:
-        client = JsonRpcClient(pool)
-        results: dict[int, object] = {}
-
-        async def call(number: int) -> None:
-            results[number] = await client.call("echo", number)
-
-        async with trio.open_nursery() as nursery:
-            for number in range(10):
-                nursery.start_soon(call, number)
-        assert results == {number: [number] for number in range(10)}
+        assert await echo_at_once(pool, 10) == {number: [number] for number in range(10)}
         opened = books(pool)["opened_total"]
         # Ten at once on four slots: four channels, the other six calls reused them.
         assert opened == 4
@@ -146,7 +151,7 @@ async def test_setup_runs_once_on_each_new_channel_before_it_is_lent(
 
         # Reused channels are not set up again.
         for number in range(5):
-            assert await client.call("echo", number) == [number]
+            assert await JsonRpcClient(pool).call("echo", number) == [number]
         assert books(pool)["opened_total"] == opened
         assert electrum.negotiated == electrum.calls["server.version"] == opened
         assert len(seen) == opened
@@ -510,16 +515,7 @@ async def test_setup_runs_on_websocket_channels_after_the_upgrade(
         max_connections=2,
         acquire_timeout=5,
     ) as pool:
-        client = JsonRpcClient(pool)
-        results: dict[int, object] = {}
-
-        async def call(number: int) -> None:
-            results[number] = await client.call("echo", number)
-
-        async with trio.open_nursery() as calls:
-            for number in range(6):
-                calls.start_soon(call, number)
-        assert results == {number: [number] for number in range(6)}
+        assert await echo_at_once(pool, 6) == {number: [number] for number in range(6)}
         assert seen
         assert all(type(channel) is sc.WebSocketChannel for channel in seen)
         assert relay.hung_up == 0
