@@ -7,55 +7,56 @@ A subscription keeps its channel while it listens; the client never pools it aga
 
     python examples/electrum_client.py                       # against a local stand-in
     python examples/electrum_client.py --server electrum.blockstream.info:50002
+
+The local stand-in (``electrum_standin.py``) is a handler run by the testing kit's relay,
+`trio_securechannel.testing.open_relay`; the kit needs
+``pip install 'trio-securechannel[testing]'`` (trustme).
 """
 
 from __future__ import annotations
 
 import argparse
-import ssl
 from typing import Any
 
 import trio
-import trustme
-from electrum_standin import serve_electrum
+from electrum_standin import electrum_standin
 
 import trio_securechannel as sc
 from trio_securechannel.jsonrpc import JsonRpcClient, electrum_handshake
+from trio_securechannel.testing import open_relay
 
 
 async def main(server: str | None) -> dict[str, Any]:
-    async with trio.open_nursery() as nursery:
-        options: dict[str, Any] = {}
-        if server is None:  # a local stand-in, trusted through a throwaway CA
-            ca = trustme.CA()
-            server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ca.issue_cert("127.0.0.1").configure_cert(server_context)
-            port = await nursery.start(serve_electrum, server_context)
-            server = f"127.0.0.1:{port}"
-            options["ssl_context"] = ssl.create_default_context()
-            ca.configure_trust(options["ssl_context"])
-        results: dict[str, Any] = {}
-        async with sc.open_pool(
-            server,
-            setup=electrum_handshake("trio-securechannel example", ("1.4", "1.4.2")),
-            max_connections=4,
-            request_timeout=10,
-            **options,
-        ) as pool:
-            client = JsonRpcClient(pool)
-            async with trio.open_nursery() as calls:  # at once, on separate channels
-                for name, method in [("features", "server.features"), ("ping", "server.ping")]:
-                    calls.start_soon(call, client, results, name, method)
-            print("server.features:", results["features"].get("server_version"))
-            with trio.move_on_after(5):
-                async with client.subscribe("blockchain.headers.subscribe") as headers:
-                    results["tip"] = headers.result
-                    print("tip:", results["tip"]["height"])
-                    new_block = await headers.next_notification()  # waits for a block
-                    results["next"] = new_block.params[0]
-                    print("new block:", results["next"]["height"])
-            results["status"] = pool.status()["connections"]
-        nursery.cancel_scope.cancel()
+    if server is not None:
+        return await session(server)
+    # A local stand-in: the testing kit's relay, running the stand-in's handler, trusted
+    # through its throwaway CA.
+    async with open_relay(electrum_standin) as relay:
+        return await session(relay.address, ssl_context=relay.client_context())
+
+
+async def session(server: str, **options: Any) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    async with sc.open_pool(
+        server,
+        setup=electrum_handshake("trio-securechannel example", ("1.4", "1.4.2")),
+        max_connections=4,
+        request_timeout=10,
+        **options,
+    ) as pool:
+        client = JsonRpcClient(pool)
+        async with trio.open_nursery() as calls:  # at once, on separate channels
+            for name, method in [("features", "server.features"), ("ping", "server.ping")]:
+                calls.start_soon(call, client, results, name, method)
+        print("server.features:", results["features"].get("server_version"))
+        with trio.move_on_after(5):
+            async with client.subscribe("blockchain.headers.subscribe") as headers:
+                results["tip"] = headers.result
+                print("tip:", results["tip"]["height"])
+                new_block = await headers.next_notification()  # waits for a block
+                results["next"] = new_block.params[0]
+                print("new block:", results["next"]["height"])
+        results["status"] = pool.status()["connections"]
     return results
 
 

@@ -7,6 +7,10 @@ would be closed as stale.
 
     python examples/websocket_feed.py                        # against a local stand-in
     python examples/websocket_feed.py --url wss://relay.example.com/feed
+
+The local stand-in is `feed_standin`, a handler run by the testing kit's relay
+(`trio_securechannel.testing.open_relay` with ``websocket=True``); the kit needs
+``pip install 'trio-securechannel[testing]'`` (trustme).
 """
 
 from __future__ import annotations
@@ -14,14 +18,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import ssl
 from typing import Any
 
 import trio
-import trustme
-from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
+from trio_websocket import WebSocketConnection
 
 import trio_securechannel as sc
+from trio_securechannel.testing import open_relay
 
 TIP_HEIGHT = 870_000
 
@@ -59,15 +62,13 @@ async def main(url: str | None) -> dict[str, Any]:
     if url is not None:
         async with sc.open_pool(url) as pool:
             return await _session(pool)
-    ca = trustme.CA()
-    async with trio.open_nursery() as nursery:
-        port = await _start_standin(nursery, ca)
-        context = ssl.create_default_context()
-        ca.configure_trust(context)
-        async with sc.open_pool(f"wss://127.0.0.1:{port}/feed", ssl_context=context) as pool:
-            results = await _session(pool)
-        nursery.cancel_scope.cancel()
-    return results
+    # A local stand-in: the testing kit's relay serving wss:// at /feed, running the
+    # handler below, trusted through its throwaway CA.
+    async with (
+        open_relay(feed_standin, websocket=True, path="/feed") as relay,
+        sc.open_pool(relay.address, ssl_context=relay.client_context()) as pool,
+    ):
+        return await _session(pool)
 
 
 async def _session(pool: sc.SecureChannelPool) -> dict[str, Any]:
@@ -83,28 +84,19 @@ async def _session(pool: sc.SecureChannelPool) -> dict[str, Any]:
     return results
 
 
-async def _start_standin(nursery: trio.Nursery, ca: trustme.CA) -> int:
-    """A relay on 127.0.0.1 answering ``tip`` and announcing two blocks on ``subscribe``."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(context)
+async def feed_standin(session: WebSocketConnection) -> None:
+    """The stand-in relay's handler: answers ``tip``, and ``subscribe`` with two blocks.
 
-    async def handle(request: WebSocketRequest) -> None:
-        session = await request.accept()
-        try:
-            while True:
-                call = json.loads(await session.get_message())
-                result = {"height": TIP_HEIGHT} if call["method"] == "tip" else "subscribed"
-                await session.send_message(json.dumps({"id": call["id"], "result": result}))
-                if call["method"] == "subscribe":
-                    for height in (TIP_HEIGHT + 1, TIP_HEIGHT + 2):
-                        await trio.sleep(0.05)
-                        await session.send_message(json.dumps({"height": height}))
-        except ConnectionClosed:
-            pass
-
-    server = await nursery.start(serve_websocket, handle, "127.0.0.1", 0, context)
-    port: int = server.port
-    return port
+    It loops until the session ends: ``get_message`` then raises
+    `~trio_websocket.ConnectionClosed`, which the kit's relay takes as the end."""
+    while True:
+        call = json.loads(await session.get_message())
+        result = {"height": TIP_HEIGHT} if call["method"] == "tip" else "subscribed"
+        await session.send_message(json.dumps({"id": call["id"], "result": result}))
+        if call["method"] == "subscribe":
+            for height in (TIP_HEIGHT + 1, TIP_HEIGHT + 2):
+                await trio.sleep(0.05)
+                await session.send_message(json.dumps({"height": height}))
 
 
 if __name__ == "__main__":

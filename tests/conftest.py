@@ -1,4 +1,5 @@
-"""Shared fixtures: one throwaway CA, real relays on 127.0.0.1, and contexts that trust it."""
+"""Shared fixtures: one throwaway CA, real relays on 127.0.0.1 (the public testing kit's
+`LoopbackRelay`), and contexts that trust it."""
 
 from __future__ import annotations
 
@@ -6,14 +7,15 @@ import gc
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-import trio
 import trustme
 
 from trio_securechannel import load_root_store
+from trio_securechannel.testing import LoopbackRelay, open_relay
 
-from relay import MemoryRelay, Relay
+pytest_plugins = ["trio_securechannel.testing.pytest_plugin"]
 
 CA = trustme.CA()
 SERVER_CERT = CA.issue_cert("127.0.0.1", "localhost", "relay.test")
@@ -23,6 +25,12 @@ def make_server_context() -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     SERVER_CERT.configure_cert(context)
     return context
+
+
+def new_relay(**options: Any) -> LoopbackRelay:
+    """A relay (not yet serving) with the tests' CA and certificate, which `client_context`
+    trusts: ``await nursery.start(relay.serve)``."""
+    return LoopbackRelay(ca=CA, tls_context=make_server_context(), **options)
 
 
 @pytest.fixture(autouse=True)
@@ -47,15 +55,15 @@ def client_context(ca_file: Path) -> ssl.SSLContext:
 
 
 @pytest.fixture
-async def relay(nursery: trio.Nursery) -> AsyncIterator[Relay]:
+async def relay() -> AsyncIterator[LoopbackRelay]:
     """A TLS echo relay on 127.0.0.1 with a random port, stopped after the test."""
-    relay = Relay(make_server_context())
-    await nursery.start(relay.serve)
-    yield relay
-    relay.stop()
+    async with open_relay(ca=CA, tls_context=make_server_context()) as relay:
+        yield relay
 
 
 @pytest.fixture
-def memory_relay(nursery: trio.Nursery) -> MemoryRelay:
-    """A TLS echo relay over in-memory streams, for tests on the mock clock."""
-    return MemoryRelay(make_server_context(), nursery)
+async def memory_relay() -> AsyncIterator[LoopbackRelay]:
+    """A TLS echo relay over in-memory streams (``open_transport=relay.open_memory_stream``),
+    for tests on the mock clock."""
+    async with open_relay(ca=CA, tls_context=make_server_context(), listen=False) as relay:
+        yield relay

@@ -50,7 +50,7 @@ import trio
 import trustme
 
 from electrumx_daemon import Block, StubBitcoind
-from relay import closed_port
+from helpers import closed_port
 
 #: How long ElectrumX may take to serve the stub chain after it starts.
 START_LIMIT = 30.0

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
-from typing import Any
 
 import trio
 
@@ -17,9 +17,8 @@ def relay_of(pool: sc.SecureChannelPool) -> Relay:
     return relay
 
 
-def books(pool: sc.SecureChannelPool) -> dict[str, Any]:
-    connections: dict[str, Any] = pool.status()["connections"]
-    return connections
+def books(pool: sc.SecureChannelPool) -> sc.ConnectionsStatus:
+    return pool.status()["connections"]
 
 
 async def assert_all_slots_free(pool: sc.SecureChannelPool) -> None:
@@ -86,3 +85,11 @@ async def check_out_at_once(pool: sc.SecureChannelPool, count: int) -> set[sc.Se
         for _ in range(count):
             nursery.start_soon(check_out_one)
     return lent
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (connects are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port

@@ -10,18 +10,21 @@ the client goes), ``sleep``, and ``subscribe`` (then `notify` pushes to every su
 session); a method named in `failing` is answered with an error. With ``electrum_rules``
 it behaves as Electrum servers do: anything before ``server.version`` ends the session.
 With ``chunk`` set, every reply leaves in pieces of that many bytes, each its own TLS
-record, so no reply fits one read.
+record, so no reply fits one read. It is a handler on the testing kit's `LoopbackRelay`.
 """
 
 from __future__ import annotations
 
 import json
-import ssl
 from collections import Counter
 from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from trio_securechannel.testing import RelayStream
+
+from conftest import new_relay
 
 ERROR_CODE = -32001
 
@@ -117,14 +120,13 @@ def _error(id_: Any, code: int, message: str, data: Any = None) -> dict[str, Any
 
 
 class JsonRpcRelay:
-    """Serve with ``await nursery.start(relay.serve_tls)`` or ``relay.serve_wss``."""
+    """Serve with ``await nursery.start(relay.serve_tls)`` or ``relay.serve_wss``: the
+    testing kit's `LoopbackRelay` (``relay.loopback``, whose faults apply) with this
+    relay's sessions as its handler."""
 
-    def __init__(self, server_context: ssl.SSLContext, *, electrum_rules: bool = False) -> None:
-        self.server_context = server_context
+    def __init__(self, *, electrum_rules: bool = False) -> None:
+        self.loopback = new_relay(handler=self._handle)
         self.electrum_rules = electrum_rules
-        self.chunk: int | None = None  # send replies in pieces this big
-        self.port = 0
-        self.over_websocket = False
         self.sessions = 0
         self.negotiated = 0  # sessions that sent server.version
         self.hung_up = 0  # sessions ended for breaking Electrum's rules
@@ -132,6 +134,23 @@ class JsonRpcRelay:
         self.failing: set[str] = set()  # methods answered with an error object
         self.calls: Counter[str] = Counter()
         self.subscribers: set[_Session] = set()
+
+    @property
+    def chunk(self) -> int | None:
+        """Send replies in pieces this big, each its own TLS record, apart."""
+        return self.loopback.piece_size
+
+    @chunk.setter
+    def chunk(self, size: int | None) -> None:
+        self.loopback.piece_size = size
+
+    @property
+    def port(self) -> int:
+        return self.loopback.port
+
+    @property
+    def over_websocket(self) -> bool:
+        return self.loopback.websocket
 
     @property
     def target(self) -> str:
@@ -161,26 +180,26 @@ class JsonRpcRelay:
     async def serve_tls(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        tls = [trio.SSLListener(listener, self.server_context) for listener in listeners]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._handle_tls, tls)
-            task_status.started()
+        await self.loopback.serve(task_status=task_status)
 
-    async def _handle_tls(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+    async def serve_wss(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        self.loopback.websocket = True
+        self.loopback.path = "/rpc"
+        await self.loopback.serve(task_status=task_status)
+
+    async def _handle(self, connection: Any) -> None:
+        if isinstance(connection, RelayStream):
+            await self._handle_tls(connection)
+        else:
+            await self._handle_ws(connection)
+
+    async def _handle_tls(self, stream: RelayStream) -> None:
         self.sessions += 1
-        lock = trio.Lock()  # notifications and replies must not interleave mid-line
 
         async def send(text: str, *, newline: bool = True) -> None:
-            data = text.encode() + (b"\n" if newline else b"")
-            async with lock:
-                if self.chunk is None:
-                    await stream.send_all(data)
-                    return
-                for start in range(0, len(data), self.chunk):
-                    await stream.send_all(data[start : start + self.chunk])
-                    await trio.sleep(0.001)  # apart, so each piece is read on its own
+            await stream.send_all(text.encode() + (b"\n" if newline else b""))
 
         session = _Session(self, send)
         buffer = b""
@@ -194,25 +213,10 @@ class JsonRpcRelay:
             self.hung_up += 1
             with trio.move_on_after(1):
                 await stream.aclose()  # a TLS close_notify, as a server that ends a session
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client went away
         finally:
             self.subscribers.discard(session)
-            await trio.aclose_forcefully(stream)
 
-    async def serve_wss(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        async with trio.open_nursery() as nursery:
-            server = await nursery.start(
-                serve_websocket, self._handle_ws, "127.0.0.1", 0, self.server_context
-            )
-            self.port = server.port
-            self.over_websocket = True
-            task_status.started()
-
-    async def _handle_ws(self, request: WebSocketRequest) -> None:
-        connection = await request.accept()
+    async def _handle_ws(self, connection: WebSocketConnection) -> None:
         self.sessions += 1
 
         async def send(text: str, *, newline: bool = True) -> None:
@@ -225,7 +229,5 @@ class JsonRpcRelay:
         except HangUp:
             self.hung_up += 1
             await connection.aclose()
-        except ConnectionClosed:
-            pass
         finally:
             self.subscribers.discard(session)

@@ -31,7 +31,7 @@ import pytest
 import trio
 import trustme
 
-from relay import closed_port
+from helpers import closed_port
 
 #: How long a program may take to listen on its port before the test fails.
 START_LIMIT = 10.0

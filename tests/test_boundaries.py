@@ -15,21 +15,21 @@ import trio
 import trio.testing
 
 import trio_securechannel as sc
+from trio_securechannel.testing import LoopbackRelay
 
 from conftest import make_server_context
 from helpers import books, echo
-from relay import MemoryRelay, Relay
 
 
-async def dropped_mid_use(pool: sc.SecureChannelPool, relay: Relay) -> None:
+async def dropped_mid_use(pool: sc.SecureChannelPool, relay: LoopbackRelay) -> None:
     async with pool.connection() as channel:
         assert await echo(channel, b"x") == b"x"
-        relay.reset_connections()
+        relay.kill_connections()
         await echo(channel, b"y")
 
 
 async def test_a_cancelled_block_that_used_a_nursery_vouches_for_nobody(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     # With strict exception groups a block cancelled inside its own nursery ends with a
     # BaseExceptionGroup of Cancelled. That is the caller's abort: it must not count as
@@ -93,7 +93,7 @@ async def test_a_slow_goodbye_does_not_hold_up_leaving_the_block(
 
 
 async def test_a_goodbye_that_fails_ends_that_close_only(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     # A goodbye runs in the pool's nursery: whatever it raises (here the socket was closed
     # behind the channel's back, so the TLS close_notify meets a closed transport) must
@@ -123,7 +123,7 @@ async def test_a_goodbye_that_fails_ends_that_close_only(
 
 async def test_ctrl_c_waits_for_a_checkout_to_reach_a_checkpoint(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
     # A KeyboardInterrupt between the planner reserving a slot and the relay acting on it
@@ -134,7 +134,7 @@ async def test_ctrl_c_waits_for_a_checkout_to_reach_a_checkpoint(
 
     async def open_transport(host: str, port: int) -> trio.abc.Stream:
         protected.append(trio.lowlevel.currently_ki_protected())
-        return await memory_relay.open_transport(host, port)
+        return await memory_relay.open_memory_stream(host, port)
 
     assert not trio.lowlevel.currently_ki_protected()  # (so the check below can fail)
     async with (

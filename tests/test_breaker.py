@@ -20,10 +20,10 @@ import trio_securechannel as sc
 from trio_securechannel import BreakerState
 from trio_securechannel._breaker import CircuitBreaker
 from trio_securechannel._relay import SPARE_WATCH_MIN
+from trio_securechannel.testing import Fault, LoopbackRelay
 
-from conftest import make_server_context
-from helpers import books, echo, relay_of, wait_until
-from relay import MemoryRelay, Relay, closed_port
+from conftest import new_relay
+from helpers import books, closed_port, echo, relay_of, wait_until
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 
@@ -142,18 +142,18 @@ async def test_stragglers_do_not_decide() -> None:
 # -- through the pool, on the mock clock ------------------------------------------------------
 
 
-def memory_pool(relay: MemoryRelay, context: ssl.SSLContext, **options: Any) -> Any:
+def memory_pool(relay: LoopbackRelay, context: ssl.SSLContext, **options: Any) -> Any:
     return sc.open_pool(
-        "relay.test:443", ssl_context=context, open_transport=relay.open_transport, **options
+        "relay.test:443", ssl_context=context, open_transport=relay.open_memory_stream, **options
     )
 
 
 async def test_breaker_opens_before_the_failure_is_raised_and_blocks_io(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
-    memory_relay.mode = "refuse"
+    memory_relay.fault = Fault.REFUSE
     async with memory_pool(memory_relay, client_context, breaker_cooldown=30.0) as pool:
         for attempt in range(1, 6):
             with pytest.raises(sc.ConnectError):
@@ -181,10 +181,10 @@ async def test_breaker_opens_before_the_failure_is_raised_and_blocks_io(
 
 async def test_transitions_reach_subscribers_at_exact_times(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
-    memory_relay.mode = "refuse"
+    memory_relay.fault = Fault.REFUSE
     options = {"breaker_failure_threshold": 2, "breaker_cooldown": 30.0}
     start = trio.current_time()
     seen: list[tuple[str, str, float]] = []
@@ -204,7 +204,7 @@ async def test_transitions_reach_subscribers_at_exact_times(
                         pass
             await trio.sleep_until(start + 30.01)  # the breaker task ends the cooldown on time
             assert pool.breaker_state is HALF_OPEN
-            memory_relay.mode = "echo"
+            memory_relay.fault = Fault.NONE
             async with pool.connection() as channel:  # the trial, on a fresh channel
                 assert await echo(channel, b"back") == b"back"
             assert pool.breaker_state is CLOSED
@@ -219,23 +219,23 @@ async def test_transitions_reach_subscribers_at_exact_times(
 
 async def test_cancelled_trial_gives_its_permit_back(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
-    memory_relay.mode = "refuse"
+    memory_relay.fault = Fault.REFUSE
     options = {"breaker_failure_threshold": 1, "breaker_cooldown": 5.0, "connect_timeout": 100.0}
     async with memory_pool(memory_relay, client_context, **options) as pool:
         with pytest.raises(sc.ConnectError):
             async with pool.connection():
                 pass
         await trio.sleep(5.0)
-        memory_relay.mode = "silent"
+        memory_relay.fault = Fault.NO_TLS
         with trio.move_on_after(1.0) as scope:
             async with pool.connection():
                 pytest.fail("the silent relay never completes a handshake")
         assert scope.cancelled_caught
         assert pool.breaker_state is HALF_OPEN  # neither success nor failure
-        memory_relay.mode = "echo"
+        memory_relay.fault = Fault.NONE
         async with pool.connection() as channel:  # the permit came back: a new trial
             assert await echo(channel, b"ok") == b"ok"
         assert pool.breaker_state is CLOSED
@@ -245,7 +245,7 @@ async def test_cancelled_trial_gives_its_permit_back(
 
 async def test_what_is_not_a_failure(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
     options = {"breaker_failure_threshold": 1, "max_connections": 1}
@@ -266,7 +266,7 @@ async def test_what_is_not_a_failure(
 
 async def test_io_errors_on_lent_channels_open_the_breaker(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
     # Three channels lent at once all break when the relay drops them: three failures in a
@@ -295,7 +295,7 @@ async def test_io_errors_on_lent_channels_open_the_breaker(
                     nursery.start_soon(use)
                 await all_lent.wait()
                 await trio.testing.wait_all_tasks_blocked()
-                memory_relay.reset_connections()
+                memory_relay.kill_connections()
         assert states_seen_by_callers == [CLOSED, CLOSED, OPEN]
         assert pool.status()["errors_by_kind"] == {"io": 3}
         with pytest.raises(sc.CircuitOpen):
@@ -305,12 +305,12 @@ async def test_io_errors_on_lent_channels_open_the_breaker(
 
 async def test_a_relay_that_completes_handshakes_but_serves_nobody_opens_the_breaker(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
     # Each handshake succeeds, each session dies at once: a handshake alone does not
     # reset the count (only a lease served without error does), so the breaker opens.
-    memory_relay.mode = "drop_after_handshake"
+    memory_relay.fault = Fault.DROP_AFTER_HANDSHAKE
     async with memory_pool(memory_relay, client_context, breaker_failure_threshold=3) as pool:
         for failures in (1, 2, 3):
             with pytest.raises(trio.BrokenResourceError):
@@ -320,7 +320,7 @@ async def test_a_relay_that_completes_handshakes_but_serves_nobody_opens_the_bre
         with pytest.raises(sc.CircuitOpen):
             await use_once(pool)
         assert memory_relay.handshakes == 3
-        memory_relay.mode = "echo"
+        memory_relay.fault = Fault.NONE
         await trio.sleep(pool.config.breaker_cooldown)
         await use_once(pool)  # the trial's handshake closes the breaker, the lease works
         assert pool.breaker_state is CLOSED
@@ -329,14 +329,14 @@ async def test_a_relay_that_completes_handshakes_but_serves_nobody_opens_the_bre
 
 async def test_a_lease_ending_unanswered_is_no_success(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
     async with memory_pool(memory_relay, client_context, breaker_failure_threshold=3) as pool:
-        memory_relay.mode = "drop_after_handshake"
+        memory_relay.fault = Fault.DROP_AFTER_HANDSHAKE
         with pytest.raises(trio.BrokenResourceError):
             await use_once(pool)
-        memory_relay.mode = "echo"
+        memory_relay.fault = Fault.NONE
         async with pool.connection() as channel:
             await channel.send_all(b"no reply read")
         assert pool.status()["breaker"]["consecutive_failures"] == 1
@@ -346,13 +346,13 @@ async def test_a_lease_ending_unanswered_is_no_success(
 
 async def test_spares_connecting_between_refusals_keep_the_breaker_closed(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
     # Every third connect is refused; the others complete. With spares kept (and
     # recycled by max_lifetime) but no lease ever served, the count must not build up.
     attempts = itertools.count(1)
-    open_transport = memory_relay.open_transport
+    open_transport = memory_relay.open_memory_stream
 
     async def sometimes_refused(host: str, port: int) -> trio.abc.Stream:
         if next(attempts) % 3 == 0:
@@ -380,7 +380,7 @@ async def use_once(pool: sc.SecureChannelPool) -> None:
 
 async def test_a_checkout_waiting_in_line_when_the_breaker_opens_does_not_connect(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
     options = {"max_connections": 1, "acquire_timeout": 10.0, "breaker_failure_threshold": 1}
@@ -399,7 +399,7 @@ async def test_a_checkout_waiting_in_line_when_the_breaker_opens_does_not_connec
                 nursery.start_soon(wait_in_line)
                 await trio.testing.wait_all_tasks_blocked()
                 assert books(pool)["waiting"] == 1
-                memory_relay.reset_connections()
+                memory_relay.kill_connections()
                 await channel.receive_some()  # the relay is gone: the breaker opens
 
         async with trio.open_nursery() as nursery:
@@ -412,10 +412,10 @@ async def test_a_checkout_waiting_in_line_when_the_breaker_opens_does_not_connec
 
 async def test_spares_stop_while_open_then_probe_and_refill(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
-    memory_relay.mode = "refuse"
+    memory_relay.fault = Fault.REFUSE
     options = {"min_idle": 2, "breaker_failure_threshold": 3, "breaker_cooldown": 60.0}
     start = trio.current_time()
     async with memory_pool(memory_relay, client_context, **options) as pool:
@@ -426,7 +426,7 @@ async def test_spares_stop_while_open_then_probe_and_refill(
         assert pool.breaker_state is OPEN
         await trio.sleep_until(start + 60.99)
         assert len(memory_relay.connect_times) == 3  # silence for the whole cooldown
-        memory_relay.mode = "echo"
+        memory_relay.fault = Fault.NONE
         await trio.sleep_until(start + 61.5)
         # At 61 the spare keeper made one trial itself, which closed the breaker once the
         # relay had left it alone for a moment, and the second spare followed.
@@ -441,10 +441,10 @@ async def test_spares_stop_while_open_then_probe_and_refill(
 
 async def test_slow_subscriber_never_blocks_and_counts_drops(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
-    memory_relay.mode = "refuse"
+    memory_relay.fault = Fault.REFUSE
     options = {"breaker_failure_threshold": 1, "breaker_cooldown": 1.0}
     async with memory_pool(memory_relay, client_context, **options) as pool:
         sleeper = pool.breaker_events()  # subscribed, never read
@@ -481,22 +481,22 @@ async def _drain(stream: sc.EventStream[sc.BreakerEvent]) -> Any:
 
 
 async def test_open_breaker_makes_no_connection_and_lets_one_trial_through(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
-    relay.mode = "hangup"
+    relay.fault = Fault.CLOSE_ON_ACCEPT
     options: dict[str, Any] = {"breaker_cooldown": 0.3, "max_connections": 10}
     async with sc.open_pool(relay.target, ssl_context=client_context, **options) as pool:
         for _ in range(5):
             with pytest.raises(sc.ConnectError):
                 async with pool.connection():
                     pass
-        assert relay.accepts == 5
+        assert relay.accepted == 5
         for _ in range(10):
             with pytest.raises(sc.CircuitOpen):
                 async with pool.connection():
                     pass
-        assert relay.accepts == 5  # the open breaker touched no socket
-        relay.mode = "echo"
+        assert relay.accepted == 5  # the open breaker touched no socket
+        relay.fault = Fault.NONE
         await trio.sleep(0.3)
         outcomes: list[str] = []
 
@@ -512,7 +512,7 @@ async def test_open_breaker_makes_no_connection_and_lets_one_trial_through(
             for _ in range(5):
                 nursery.start_soon(checkout)
         assert sorted(outcomes) == ["circuit open"] * 4 + ["through"]
-        assert relay.accepts == 6  # exactly one of the five reached the relay
+        assert relay.accepted == 6  # exactly one of the five reached the relay
         assert pool.breaker_state is CLOSED
         async with pool.connection() as channel:
             assert await echo(channel, b"normal again") == b"normal again"
@@ -529,7 +529,7 @@ async def test_refused_relay_that_comes_back(
                 async with pool.connection():
                     pass
         assert pool.breaker_state is OPEN
-        relay = Relay(make_server_context())
+        relay = new_relay()
         relay.port = port
         await nursery.start(relay.serve)  # the relay is back, on the same port
         await wait_until(lambda: pool.breaker_state is HALF_OPEN)
@@ -544,9 +544,9 @@ async def test_refused_relay_that_comes_back(
 
 
 async def test_subscribers_see_the_opening_even_when_the_pool_closes_at_once(
-    memory_relay: MemoryRelay, client_context: ssl.SSLContext
+    memory_relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
-    memory_relay.mode = "refuse"
+    memory_relay.fault = Fault.REFUSE
     seen: list[tuple[str, str]] = []
     async with trio.open_nursery() as nursery:
 
@@ -565,9 +565,9 @@ async def test_subscribers_see_the_opening_even_when_the_pool_closes_at_once(
 
 
 async def test_closed_and_abandoned_subscriptions_are_dropped(
-    memory_relay: MemoryRelay, client_context: ssl.SSLContext
+    memory_relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
-    memory_relay.mode = "refuse"
+    memory_relay.fault = Fault.REFUSE
     async with memory_pool(memory_relay, client_context, breaker_failure_threshold=1) as pool:
         with pool.breaker_events() as closed_early:
             pass
@@ -586,10 +586,10 @@ async def test_closed_and_abandoned_subscriptions_are_dropped(
 
 async def test_several_trials_and_retry_after(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
-    memory_relay.mode = "refuse"
+    memory_relay.fault = Fault.REFUSE
     options = {
         "breaker_failure_threshold": 1,
         "breaker_cooldown": 10.0,
@@ -601,7 +601,7 @@ async def test_several_trials_and_retry_after(
             async with pool.connection():
                 pass
         await trio.sleep(10.0)
-        memory_relay.mode = "silent"  # trials hang until their connect_timeout
+        memory_relay.fault = Fault.NO_TLS  # trials hang until their connect_timeout
         outcomes: list[str] = []
 
         async def trial() -> None:
@@ -629,7 +629,7 @@ async def test_several_trials_and_retry_after(
 
 async def test_a_trial_waits_its_turn_when_every_slot_is_lent(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
     options = {
@@ -668,20 +668,20 @@ async def test_a_trial_waits_its_turn_when_every_slot_is_lent(
 
 async def test_a_spare_planned_before_the_opening_does_not_connect(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
     # The spare keeper's retry and a user's failing connect end at the same instant; the
     # failure opens the breaker and the spare, planned a moment earlier, must not connect.
     # Tasks due at one instant run in no promised order, so the race is run many times.
-    memory_relay.mode = "refuse"
+    memory_relay.fault = Fault.REFUSE
     memory_relay.connect_delay = 0.25
     connects: list[tuple[float, BreakerState]] = []
     pools: list[sc.SecureChannelPool] = []
 
     async def spy(host: str, port: int) -> trio.abc.Stream:
         connects.append((trio.current_time(), pools[-1].breaker_state))
-        return await memory_relay.open_transport(host, port)
+        return await memory_relay.open_memory_stream(host, port)
 
     options: dict[str, Any] = {"min_idle": 1, "breaker_failure_threshold": 2}
     for _ in range(20):
@@ -701,7 +701,7 @@ async def test_a_spare_planned_before_the_opening_does_not_connect(
 
 async def test_a_waiter_handed_a_channel_after_the_opening_gets_circuit_open(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
     # The breaker opens (a failure elsewhere) while W waits in line behind A, who holds the
@@ -730,7 +730,7 @@ async def test_a_waiter_handed_a_channel_after_the_opening_gets_circuit_open(
             assert books(pool)["waiting"] == 1
             relay_of(pool).breaker.failed(trio.current_time(), "another channel broke")
         assert outcome == ["circuit open"]
-        assert memory_relay.echoed_bytes == 4  # only A's "held" ever reached the relay
+        assert memory_relay.bytes_sent == 4  # only A's "held" ever reached the relay
         assert books(pool)["idle"] == 1  # the channel went back, nothing leaked
         await trio.sleep(30.0)
         async with pool.connection() as trial:  # after the cooldown: the trial
@@ -768,7 +768,7 @@ async def hold_the_only_slot(
 
 async def test_a_trial_waiting_in_line_is_no_failure_of_the_relay(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
     async with memory_pool(memory_relay, client_context, **ONE_SLOT_TO_WAIT_FOR) as pool:
@@ -787,14 +787,14 @@ async def test_a_trial_waiting_in_line_is_no_failure_of_the_relay(
 
 async def test_a_trial_answered_within_its_own_time_limit_closes_the_breaker(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
     options = {"connect_timeout": 5.0, "breaker_failure_threshold": 1, "breaker_cooldown": 10.0}
     async with memory_pool(memory_relay, client_context, **options) as pool:
         relay_of(pool).breaker.failed(trio.current_time(), "a failure elsewhere")
         await trio.sleep(10.0)
-        memory_relay.echo_delay = 15.0  # slow, but well within the checkout's 60 s
+        memory_relay.latency = 15.0  # slow, but well within the checkout's 60 s
         async with pool.connection(timeout=60.0) as channel:
             assert await echo(channel, b"slow") == b"slow"
         assert pool.breaker_state is CLOSED
@@ -802,7 +802,7 @@ async def test_a_trial_answered_within_its_own_time_limit_closes_the_breaker(
 
 async def test_a_slow_relay_that_answers_closes_the_breaker(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
     # No request_timeout; replies take 12 s, longer than a trial holds its place (twice
@@ -811,7 +811,7 @@ async def test_a_slow_relay_that_answers_closes_the_breaker(
     async with memory_pool(memory_relay, client_context, **options) as pool:
         relay_of(pool).breaker.failed(trio.current_time(), "a transient failure")
         await trio.sleep(10.0)
-        memory_relay.echo_delay = 12.0
+        memory_relay.latency = 12.0
         async with pool.connection() as channel:
             assert await echo(channel, b"slow") == b"slow"
         assert pool.breaker_state is CLOSED
@@ -819,7 +819,7 @@ async def test_a_slow_relay_that_answers_closes_the_breaker(
 
 async def test_a_trials_connect_that_fails_after_a_wait_in_line_reopens_the_breaker(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
     def the_network_hangs() -> None:
@@ -843,7 +843,7 @@ async def test_a_trials_connect_that_fails_after_a_wait_in_line_reopens_the_brea
 
 async def test_only_a_reply_proves_a_relay_that_stopped_answering(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
     # Opened by request timeouts; then a refused trial; then the relay is back, still
@@ -857,19 +857,19 @@ async def test_only_a_reply_proves_a_relay_that_stopped_answering(
     }
     async with memory_pool(memory_relay, client_context, **options) as pool:
         await trio.sleep(1.0)
-        memory_relay.mode = "hang"
+        memory_relay.fault = Fault.HANG_AFTER_HANDSHAKE
         for _ in range(2):
             with pytest.raises(sc.RequestTimeout):
                 async with pool.connection() as channel:
                     await echo(channel, b"x")
         assert pool.breaker_state is OPEN
-        memory_relay.mode = "refuse"
+        memory_relay.fault = Fault.REFUSE
         await relay_of(pool).close_idle("test")
         await trio.sleep(10.0)
         with pytest.raises(sc.ConnectError):  # a checkout's trial: refused
             async with pool.connection():
                 pass
-        memory_relay.mode = "hang"
+        memory_relay.fault = Fault.HANG_AFTER_HANDSHAKE
         await trio.sleep(20.0)
         assert pool.breaker_state is not CLOSED
 

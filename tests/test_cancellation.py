@@ -15,9 +15,9 @@ import pytest
 import trio
 
 import trio_securechannel as sc
+from trio_securechannel.testing import Fault, LoopbackRelay
 
 from helpers import assert_all_slots_free, books, echo, relay_of, wait_until
-from relay import Relay
 
 
 class CancelAtStep(trio.abc.Instrument):
@@ -64,7 +64,7 @@ async def cancel_at_every_step(
 
 
 async def test_cancel_at_every_await_of_a_fresh_checkout(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     options: dict[str, Any] = {"max_connections": 2, "cleanup_interval": 60}
     async with sc.open_pool(relay.target, ssl_context=client_context, **options) as pool:
@@ -89,7 +89,7 @@ async def test_cancel_at_every_await_of_a_fresh_checkout(
 
 
 async def test_cancel_at_every_await_of_a_reused_checkout(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     async with sc.open_pool(relay.target, ssl_context=client_context, max_connections=2) as pool:
 
@@ -110,7 +110,7 @@ async def test_cancel_at_every_await_of_a_reused_checkout(
 
 
 async def test_cancel_while_waiting_for_a_slot(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     options: dict[str, Any] = {"max_connections": 1, "acquire_timeout": 60.0}
     async with sc.open_pool(relay.target, ssl_context=client_context, **options) as pool:
@@ -133,7 +133,7 @@ async def test_cancel_while_waiting_for_a_slot(
 
 
 async def test_cancelled_waiter_leaves_the_line_in_order(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     options: dict[str, Any] = {"max_connections": 1, "acquire_timeout": 60.0}
     async with sc.open_pool(relay.target, ssl_context=client_context, **options) as pool:
@@ -160,9 +160,9 @@ async def test_cancelled_waiter_leaves_the_line_in_order(
 
 
 async def test_cancel_during_handshake_closes_the_half_made_connection(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
-    relay.mode = "silent"
+    relay.fault = Fault.NO_TLS
     async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
         with trio.move_on_after(0.1) as scope:
             async with pool.connection():
@@ -171,7 +171,7 @@ async def test_cancel_during_handshake_closes_the_half_made_connection(
         assert books(pool)["opening"] == 0
         assert pool.status()["errors_total"] == 0  # our own cancellation is no failure
         await wait_until(lambda: relay.endings["before_tls"] == 1)
-        relay.mode = "echo"
+        relay.fault = Fault.NONE
         await assert_all_slots_free(pool)
 
 

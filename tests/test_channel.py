@@ -10,9 +10,9 @@ import trio.testing
 
 import trio_securechannel as sc
 from trio_securechannel import Endpoint, SecureChannel
+from trio_securechannel.testing import LoopbackRelay
 
 from conftest import make_server_context
-from relay import Relay
 
 ENDPOINT = Endpoint("127.0.0.1", 443)
 
@@ -48,7 +48,7 @@ async def test_conforms_to_trio_stream_contract(client_context: ssl.SSLContext) 
 
 
 async def test_errors_after_close_and_concurrent_use(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
         async with pool.connection() as channel:
@@ -71,7 +71,7 @@ async def test_errors_after_close_and_concurrent_use(
         assert pool.status()["errors_total"] == 0
 
 
-async def test_counts_bytes(relay: Relay, client_context: ssl.SSLContext) -> None:
+async def test_counts_bytes(relay: LoopbackRelay, client_context: ssl.SSLContext) -> None:
     async with (
         sc.open_pool(relay.target, ssl_context=client_context) as pool,
         pool.connection() as channel,
@@ -85,7 +85,7 @@ async def test_counts_bytes(relay: Relay, client_context: ssl.SSLContext) -> Non
 
 
 async def test_garbage_collected_unclosed_channel_warns(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     stream = trio.SSLStream(
         await trio.open_tcp_stream(*relay.target), client_context, server_hostname="127.0.0.1"

@@ -14,14 +14,14 @@ import pytest
 import trio
 
 import trio_securechannel as sc
+from trio_securechannel.testing import LoopbackRelay
 
 from helpers import books, echo
-from relay import MemoryRelay
 
 Opener = Callable[[str, int], Awaitable[Any]]
 
 
-def returning_a_non_stream(relay: MemoryRelay) -> Opener:
+def returning_a_non_stream(relay: LoopbackRelay) -> Opener:
     async def open_transport(host: str, port: int) -> Any:
         await trio.lowlevel.checkpoint()
         return ("not", "a", "stream")  # say, a (stream, address) pair from a proxy library
@@ -29,9 +29,9 @@ def returning_a_non_stream(relay: MemoryRelay) -> Opener:
     return open_transport
 
 
-def with_a_bug(relay: MemoryRelay) -> Opener:
+def with_a_bug(relay: LoopbackRelay) -> Opener:
     async def open_transport(host: str, port: int) -> Any:
-        stream: Any = await relay.open_transport(host, port)
+        stream: Any = await relay.open_memory_stream(host, port)
         return stream.socket  # a memory stream has no .socket: AttributeError
 
     return open_transport
@@ -46,9 +46,9 @@ def with_a_bug(relay: MemoryRelay) -> Opener:
     ids=["returns a non-stream", "raises AttributeError"],
 )
 async def test_a_bug_in_open_transport_comes_out_as_itself_and_blames_no_relay(
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
-    broken_transport: Callable[[MemoryRelay], Opener],
+    broken_transport: Callable[[LoopbackRelay], Opener],
     error: type[Exception],
     words: str,
 ) -> None:
@@ -77,7 +77,7 @@ async def test_a_bug_in_open_transport_comes_out_as_itself_and_blames_no_relay(
         assert status["breaker"]["consecutive_failures"] == 0
         assert status["errors_total"] == 0
         assert books(pool)["in_use"] == books(pool)["opening"] == 0
-        transport = memory_relay.open_transport  # the bug fixed: the same pool connects
+        transport = memory_relay.open_memory_stream  # the bug fixed: the same pool connects
         async with pool.connection() as channel:
             assert await echo(channel, b"after") == b"after"
         assert memory_relay.handshakes == 1

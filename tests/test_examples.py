@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import trio
+
+import trio_securechannel as sc
+from trio_securechannel.testing import open_relay
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -25,6 +29,20 @@ async def test_electrum_client_calls_and_follows_new_blocks() -> None:
     assert results["tip"]["height"] == TIP_HEIGHT
     assert results["next"]["height"] == TIP_HEIGHT + 1  # pushed on the held channel
     assert results["status"]["in_use"] == 0
+
+
+async def test_electrum_standin_requires_server_version_first() -> None:
+    from electrum_standin import electrum_standin
+
+    async with (
+        open_relay(electrum_standin) as relay,
+        sc.open_pool(relay.address, ssl_context=relay.client_context()) as pool,
+        pool.connection() as channel,
+    ):
+        await channel.send_line(b'{"jsonrpc": "2.0", "id": 1, "method": "server.ping"}')
+        with pytest.raises(trio.BrokenResourceError, match="closed the connection"):
+            await channel.receive_line()  # closed: not a word before server.version
+    assert relay.endings == {"handler_returned": 1}
 
 
 async def test_failover_follows_the_breaker_there_and_back() -> None:

@@ -14,11 +14,10 @@ import pytest
 import trio
 
 import trio_securechannel as sc
+from trio_securechannel.testing import LoopbackRelay
 
-from conftest import make_server_context
 from helpers import books, echo, wait_until
 from jsonrpc_relay import JsonRpcRelay
-from relay import Relay
 
 REPLY_SIZE = 40_000
 
@@ -39,7 +38,7 @@ def closed_by(pool: sc.SecureChannelPool) -> dict[str, int]:
 
 
 async def test_a_40kb_reply_comes_in_several_reads(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     # Why the line API exists: the first read of a long reply holds only part of it.
     async with (
@@ -54,7 +53,7 @@ async def test_a_40kb_reply_comes_in_several_reads(
 
 
 async def test_every_caller_gets_exactly_its_own_40kb_reply(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     # The README's old mix-up, provoked: 200 calls with 40 KB replies through one channel.
     mixed_up: list[int] = []
@@ -80,7 +79,7 @@ async def test_every_caller_gets_exactly_its_own_40kb_reply(
 
 
 async def test_a_channel_at_a_message_boundary_is_pooled_again(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
         async with pool.connection() as channel:
@@ -95,7 +94,7 @@ async def test_a_channel_at_a_message_boundary_is_pooled_again(
 
 @pytest.mark.parametrize("sent", [b"one\ntwo\n", b"one\ntw"], ids=["a whole line", "half"])
 async def test_a_channel_given_back_with_bytes_unread_is_not_pooled(
-    relay: Relay, client_context: ssl.SSLContext, sent: bytes
+    relay: LoopbackRelay, client_context: ssl.SSLContext, sent: bytes
 ) -> None:
     async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
         async with pool.connection() as channel:
@@ -112,7 +111,7 @@ async def test_a_channel_given_back_with_bytes_unread_is_not_pooled(
 
 
 async def test_receive_some_returns_what_receive_line_read_behind_a_line_first(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
         async with pool.connection() as channel:
@@ -128,7 +127,7 @@ async def test_receive_some_returns_what_receive_line_read_behind_a_line_first(
 
 
 async def test_a_line_over_max_line_length_is_refused_and_counted_but_opens_no_breaker(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     # The limit is ours: a healthy relay's long reply must not lock everyone else out.
     async with sc.open_pool(relay.target, ssl_context=client_context, max_line_length=1024) as pool:
@@ -143,7 +142,7 @@ async def test_a_line_over_max_line_length_is_refused_and_counted_but_opens_no_b
 
 
 async def test_nothing_is_read_as_a_line_after_the_channel_gave_up_on_one(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     # The tail of a refused line must never come back as a message of its own.
     async with sc.open_pool(relay.target, ssl_context=client_context, max_line_length=100) as pool:
@@ -159,7 +158,7 @@ async def test_nothing_is_read_as_a_line_after_the_channel_gave_up_on_one(
 
 
 async def test_a_second_reader_cannot_take_part_of_a_line_being_put_together(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
         async with pool.connection() as channel, trio.open_nursery() as nursery:
@@ -183,7 +182,7 @@ async def test_a_line_that_never_ends_is_cut_off_at_the_limit(
     nursery: trio.Nursery, client_context: ssl.SSLContext
 ) -> None:
     # A relay that streams bytes without a newline must not grow our buffer without end.
-    endless = JsonRpcRelay(make_server_context())
+    endless = JsonRpcRelay()
     await nursery.start(endless.serve_tls)
     async with sc.open_pool(
         endless.target, ssl_context=client_context, max_line_length=100_000
@@ -197,7 +196,7 @@ async def test_a_line_that_never_ends_is_cut_off_at_the_limit(
 async def test_a_relay_that_hangs_up_mid_line_is_held_responsible(
     nursery: trio.Nursery, client_context: ssl.SSLContext
 ) -> None:
-    rude = JsonRpcRelay(make_server_context())
+    rude = JsonRpcRelay()
     await nursery.start(rude.serve_tls)
     async with sc.open_pool(rude.target, ssl_context=client_context) as pool:
         with pytest.raises(trio.BrokenResourceError, match="closed the connection mid-line"):
@@ -207,7 +206,7 @@ async def test_a_relay_that_hangs_up_mid_line_is_held_responsible(
 
 
 async def test_send_line_refuses_two_lines_and_text_and_sends_nothing(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
         async with pool.connection() as channel:

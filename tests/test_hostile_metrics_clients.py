@@ -27,10 +27,10 @@ from trio_websocket import open_websocket_url
 
 import trio_securechannel as sc
 import trio_securechannel._server as server_module
+from trio_securechannel.testing import LoopbackRelay
 
 from helpers import wait_until
 from http_client import request
-from relay import Relay
 
 pytestmark = pytest.mark.skipif(
     not os.path.isdir("/dev/fd"), reason="counts the server's sockets through /dev/fd"
@@ -49,7 +49,7 @@ BIG_EVENT: dict[str, Any] = {"type": "padding", "pad": "x" * 500_000}
 
 @asynccontextmanager
 async def metrics_pool(
-    relay: Relay, context: ssl.SSLContext, **options: Any
+    relay: LoopbackRelay, context: ssl.SSLContext, **options: Any
 ) -> AsyncIterator[tuple[sc.SecureChannelPool, tuple[str, int]]]:
     async with sc.open_pool(relay.target, ssl_context=context, metrics_port=0, **options) as pool:
         assert pool.metrics_address is not None
@@ -142,7 +142,7 @@ async def close_at(deadline: float, socks: list[trio.socket.SocketType]) -> None
 
 @pytest.mark.parametrize("client", ["pipelined-scrapes", "events"])
 async def test_leaving_open_pool_is_bounded_while_a_client_never_reads(
-    relay: Relay, client_context: ssl.SSLContext, client: str
+    relay: LoopbackRelay, client_context: ssl.SSLContext, client: str
 ) -> None:
     shutdown_timeout = 1.0
     stuck: list[trio.socket.SocketType] = []
@@ -179,7 +179,7 @@ async def test_leaving_open_pool_is_bounded_while_a_client_never_reads(
 
 
 async def test_idle_connections_are_capped_and_a_scrape_still_gets_in(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     cap = 8
     async with metrics_pool(relay, client_context, metrics_max_connections=cap) as (_, address):
@@ -208,7 +208,7 @@ async def test_idle_connections_are_capped_and_a_scrape_still_gets_in(
 
 
 async def test_when_every_connection_is_busy_a_new_one_is_refused_at_once(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     async with (
         metrics_pool(relay, client_context, metrics_max_connections=2) as (_, address),
@@ -223,7 +223,7 @@ async def test_when_every_connection_is_busy_a_new_one_is_refused_at_once(
 
 
 async def test_an_http2_client_cannot_hold_a_slot(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     # HTTP/2's flow control could keep a connection busy for ever, writing nothing and
     # answering pings: the port speaks HTTP/1.1 only, and resets an HTTP/2 preface.
@@ -301,7 +301,7 @@ RELAY_TRAFFIC_UNDER_A_LOW_FD_LIMIT = textwrap.dedent(
 
 
 async def test_relay_traffic_never_starves_for_file_descriptors(
-    relay: Relay, ca_file: Path
+    relay: LoopbackRelay, ca_file: Path
 ) -> None:
     if not hasattr(os, "fork"):  # (resource is POSIX-only)
         pytest.skip("needs RLIMIT_NOFILE")
@@ -368,7 +368,7 @@ class _Lines:
 
 @pytest.mark.parametrize("client", ["silent", "silent-and-not-reading"])
 async def test_events_client_that_stops_answering_pings_is_dropped(
-    relay: Relay,
+    relay: LoopbackRelay,
     client_context: ssl.SSLContext,
     monkeypatch: pytest.MonkeyPatch,
     client: str,

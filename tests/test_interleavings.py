@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import trio_securechannel as sc
+from trio_securechannel.testing import Fault, LoopbackRelay
 
-from conftest import make_server_context
+from conftest import new_relay
 from helpers import assert_all_slots_free, books, echo, wait_until
-from relay import Relay
 
 
 @dataclass(frozen=True)
@@ -56,15 +56,15 @@ class AppError(Exception):
     pass
 
 
-async def run_op(op: Op, pool: sc.SecureChannelPool, relay: Relay, begin: float) -> None:
+async def run_op(op: Op, pool: sc.SecureChannelPool, relay: LoopbackRelay, begin: float) -> None:
     await trio.sleep_until(begin + op.start)
     if op.kind == "reset":
-        relay.reset_connections()
+        relay.kill_connections()
         return
     if op.kind == "refuse":
-        relay.mode = "refuse"
+        relay.fault = Fault.CLOSE_ON_ACCEPT
         await trio.sleep(op.hold)
-        relay.mode = "echo"
+        relay.fault = Fault.NONE
         return
     deadline = math.inf if op.cancel_after is None else trio.current_time() + op.cancel_after
     with trio.CancelScope(deadline=deadline):
@@ -113,7 +113,7 @@ def test_random_interleavings_keep_the_books(
     async def main() -> None:
         context = sc.load_root_store(ca_file)
         async with trio.open_nursery() as nursery:
-            relay = Relay(make_server_context())
+            relay = new_relay()
             await nursery.start(relay.serve)
             options: dict[str, Any] = {
                 "max_connections": max_connections,
@@ -132,7 +132,7 @@ def test_random_interleavings_keep_the_books(
                     async with trio.open_nursery() as ops_nursery:
                         for op in schedule:
                             ops_nursery.start_soon(run_op, op, pool, relay, begin)
-                    relay.mode = "echo"
+                    relay.fault = Fault.NONE
                     await trio.sleep(0.1)  # quiet: spares settle, the cleanup pass runs
                     await close_the_breaker(pool)
                     # Spares still opening hold slots, which acquire_timeout=0 would not wait for.
@@ -141,6 +141,6 @@ def test_random_interleavings_keep_the_books(
                 finally:
                     trio.lowlevel.remove_instrument(monitor)
                 assert monitor.peak <= max_connections
-            relay.stop()
+            nursery.cancel_scope.cancel()  # the relay stops
 
     trio.run(main)

@@ -24,7 +24,6 @@ from trio_securechannel.jsonrpc import (
     electrum_handshake,
 )
 
-from conftest import make_server_context
 from helpers import books
 from jsonrpc_relay import ERROR_CODE, JsonRpcRelay
 
@@ -32,7 +31,7 @@ from jsonrpc_relay import ERROR_CODE, JsonRpcRelay
 @pytest.fixture(params=["tls", "wss"])
 async def rpc_relay(request: pytest.FixtureRequest, nursery: trio.Nursery) -> JsonRpcRelay:
     """The relay over raw TLS (newline-delimited), then over wss:// (a message per frame)."""
-    relay = JsonRpcRelay(make_server_context(), electrum_rules=True)
+    relay = JsonRpcRelay(electrum_rules=True)
     await nursery.start(relay.serve_tls if request.param == "tls" else relay.serve_wss)
     return relay
 

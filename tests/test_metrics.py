@@ -13,10 +13,11 @@ import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 import trio_securechannel as sc
+from trio_securechannel.testing import Fault, LoopbackRelay
 
+from conftest import new_relay
 from helpers import books, echo, relay_of
 from http_client import request
-from relay import MemoryRelay, Relay
 
 REQUIRED = {
     "connections_opened": "counter",
@@ -52,8 +53,8 @@ def samples(
 
 
 async def busy_pool_metrics(
-    relay: Relay, context: ssl.SSLContext, **options: Any
-) -> tuple[bytes, dict[str, Any]]:
+    relay: LoopbackRelay, context: ssl.SSLContext, **options: Any
+) -> tuple[bytes, sc.PoolStatus]:
     """Traffic, an exhaustion, a connect failure and a breaker opening, then a scrape."""
     async with sc.open_pool(
         relay.target, ssl_context=context, max_connections=2, **options
@@ -66,7 +67,7 @@ async def busy_pool_metrics(
                 async with pool.connection():
                     pass
         await relay_of(pool).close_idle("test")  # so that the next checkout must connect
-        relay.mode = "hangup"
+        relay.fault = Fault.CLOSE_ON_ACCEPT
         for _ in range(pool.config.breaker_failure_threshold):
             with pytest.raises(sc.ConnectError):
                 async with pool.connection():
@@ -78,7 +79,7 @@ async def busy_pool_metrics(
 
 
 async def test_every_required_metric_is_there_with_help_and_units(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     text, status = await busy_pool_metrics(relay, client_context, breaker_failure_threshold=1)
     families = {f.name: f for f in text_string_to_metric_families(text.decode())}
@@ -110,7 +111,9 @@ async def test_every_required_metric_is_there_with_help_and_units(
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
-async def test_exposition_passes_promtool(relay: Relay, client_context: ssl.SSLContext) -> None:
+async def test_exposition_passes_promtool(
+    relay: LoopbackRelay, client_context: ssl.SSLContext
+) -> None:
     text, _ = await busy_pool_metrics(relay, client_context, breaker_failure_threshold=1)
     checked = await trio.run_process(
         ["promtool", "check", "metrics"],
@@ -126,9 +129,8 @@ async def test_exposition_passes_promtool(relay: Relay, client_context: ssl.SSLC
 async def test_two_pools_in_one_process_report_only_their_own(
     nursery: trio.Nursery, client_context: ssl.SSLContext
 ) -> None:
-    from conftest import make_server_context
 
-    relays = [Relay(make_server_context()), Relay(make_server_context())]
+    relays = [new_relay(), new_relay()]
     for relay in relays:
         await nursery.start(relay.serve)
     options: dict[str, Any] = {"ssl_context": client_context, "metrics_port": 0}
@@ -155,19 +157,19 @@ async def test_two_pools_in_one_process_report_only_their_own(
 
 
 async def test_errors_are_counted_once_under_mixed_failures(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     """Every failure a caller sees is one error, whether the channel is live or gone."""
     seen_by_callers = {"tls": 0, "io": 0}
     options: dict[str, Any] = {"breaker_failure_threshold": 1000, "max_connections": 4}
     async with sc.open_pool(relay.target, ssl_context=client_context, **options) as pool:
         for round_number in range(12):
-            relay.mode = "hangup" if round_number % 3 == 0 else "echo"
+            relay.fault = Fault.CLOSE_ON_ACCEPT if round_number % 3 == 0 else Fault.NONE
             try:
                 async with pool.connection() as channel:
                     assert await echo(channel, b"ping") == b"ping"
                     if round_number % 2:
-                        relay.reset_connections()  # mid-use: the next read breaks
+                        relay.kill_connections()  # mid-use: the next read breaks
                         try:
                             await channel.receive_some()
                         except trio.BrokenResourceError:
@@ -199,31 +201,31 @@ def _errors_in(text: bytes) -> float:
 
 async def test_slow_channels_are_retired_and_replaced(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
     """Row 8: a relay answering slower than max_latency_ms loses its channels at the pass."""
-    memory_relay.echo_delay = 0.050  # 50 ms per round trip, in virtual time
+    memory_relay.latency = 0.050  # 50 ms per round trip, in virtual time
     options: dict[str, Any] = {"max_latency_ms": 20, "cleanup_interval": 5.0, "min_idle": 1}
     start = trio.current_time()
     async with sc.open_pool(
         "relay.test:443",
         ssl_context=client_context,
-        open_transport=memory_relay.open_transport,
+        open_transport=memory_relay.open_memory_stream,
         **options,
     ) as pool:
         async with pool.connection() as channel:
             assert await echo(channel, b"slow") == b"slow"
             summary = pool.status()["channels"]
         slow_id = channel.id
-        assert any(c["id"] == slow_id and c["round_trip"]["p50_ms"] > 20 for c in summary)
+        assert any(c["id"] == slow_id and (c["round_trip"]["p50_ms"] or 0) > 20 for c in summary)
         await trio.sleep_until(start + 4.99)
         assert not channel.closed
         await trio.sleep_until(start + 5.01)  # the pass at t=5 retires it
         assert channel.closed
         assert books(pool)["closed_by_reason"] == {"slow": 1}
         assert books(pool)["idle"] == 1  # a fresh spare took its place, as min_idle asks
-        memory_relay.echo_delay = 0.001
+        memory_relay.latency = 0.001
         async with pool.connection() as fast:
             assert fast.id != slow_id
             assert await echo(fast, b"fast") == b"fast"
@@ -237,18 +239,18 @@ async def test_slow_channels_are_retired_and_replaced(
 )
 async def test_slow_threshold_is_exact_near_the_limit(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
     round_trip: float,
     limit_ms: float,
     retired: bool,
 ) -> None:
-    memory_relay.echo_delay = round_trip
+    memory_relay.latency = round_trip
     options: dict[str, Any] = {"max_latency_ms": limit_ms, "cleanup_interval": 5.0}
     async with sc.open_pool(
         "relay.test:443",
         ssl_context=client_context,
-        open_transport=memory_relay.open_transport,
+        open_transport=memory_relay.open_memory_stream,
         **options,
     ) as pool:
         for _ in range(3):
@@ -261,7 +263,7 @@ async def test_slow_threshold_is_exact_near_the_limit(
 
 async def test_counters_never_go_down(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
     """Prometheus reads any dip as a counter reset: check after every scheduling step."""
@@ -290,7 +292,7 @@ async def test_counters_never_go_down(
     async with sc.open_pool(
         "relay.test:443",
         ssl_context=client_context,
-        open_transport=memory_relay.open_transport,
+        open_transport=memory_relay.open_memory_stream,
         **options,
     ) as pool:
         monitor = Monotonic(pool)

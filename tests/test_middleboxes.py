@@ -15,6 +15,7 @@ import trio
 import trustme
 
 import trio_securechannel as sc
+from trio_securechannel.testing import LoopbackRelay
 
 from conftest import SERVER_CERT
 from helpers import books, check_out_at_once, echo, wait_until
@@ -26,7 +27,6 @@ from middleboxes import (
     run_nginx_stream,
     run_stunnel,
 )
-from relay import Relay
 
 Terminator = Callable[..., AbstractAsyncContextManager[Middlebox]]
 TERMINATORS = [
@@ -83,7 +83,7 @@ def assert_books_balance(pool: sc.SecureChannelPool, *, idle: int) -> None:
 
 @requires("haproxy")
 async def test_haproxy_passes_tls_through_to_the_relay(
-    relay: Relay, client_context: ssl.SSLContext, tmp_path: Path
+    relay: LoopbackRelay, client_context: ssl.SSLContext, tmp_path: Path
 ) -> None:
     async with (
         run_haproxy(relay.target, tmp_path=tmp_path) as haproxy,
@@ -95,7 +95,7 @@ async def test_haproxy_passes_tls_through_to_the_relay(
         assert pool.status()["errors_total"] == 0
     # The relay itself did the four handshakes: HAProxy only carried the bytes.
     assert relay.handshakes == 4
-    assert relay.accepts == 4
+    assert relay.accepted == 4
 
 
 @pytest.mark.parametrize("terminator", TERMINATORS)
@@ -173,7 +173,7 @@ async def test_a_terminator_whose_backend_is_down(
 
 @requires("haproxy")
 async def test_haproxy_maxconn_holds_a_second_connection_back(
-    relay: Relay, client_context: ssl.SSLContext, tmp_path: Path
+    relay: LoopbackRelay, client_context: ssl.SSLContext, tmp_path: Path
 ) -> None:
     async def open_tls(port: int) -> trio.SSLStream[trio.SocketStream]:
         stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=client_context)
@@ -194,7 +194,7 @@ async def test_haproxy_maxconn_holds_a_second_connection_back(
             await wait_until(lambda: haproxy.queued() == 1)
             await trio.sleep(0.1)  # time enough for HAProxy to take it, were it allowed
             assert second == []
-            assert relay.accepts == 1
+            assert relay.accepted == 1
             assert haproxy.queued() == 1
             with trio.fail_after(5):
                 await first.send_all(b"first")
@@ -206,7 +206,7 @@ async def test_haproxy_maxconn_holds_a_second_connection_back(
             with trio.fail_after(5):
                 await stream.send_all(b"second")
                 assert await stream.receive_some() == b"second"
-        assert relay.accepts == 2
+        assert relay.accepted == 2
         assert haproxy.queued() == 0
 
 
@@ -235,7 +235,7 @@ async def test_a_terminator_with_an_untrusted_certificate(
 
 @requires("haproxy")
 async def test_behind_haproxy_maxconn_the_pool_recovers_within_one_cooldown(
-    relay: Relay, client_context: ssl.SSLContext, tmp_path: Path
+    relay: LoopbackRelay, client_context: ssl.SSLContext, tmp_path: Path
 ) -> None:
     # HAProxy lets 2 connections through; the pool may open 8. A burst fills HAProxy, the
     # rest of the connects time out and open the breaker; the 2 healthy channels then sit
@@ -268,7 +268,9 @@ async def test_behind_haproxy_maxconn_the_pool_recovers_within_one_cooldown(
         assert outcomes.count("served") == 2
         assert pool.breaker_state is sc.BreakerState.OPEN
         assert books(pool)["idle"] == 2
-        await trio.sleep(pool.status()["breaker"]["retry_after"])  # the cooldown ends
+        retry_after = pool.status()["breaker"]["retry_after"]
+        assert retry_after is not None
+        await trio.sleep(retry_after)  # the cooldown ends
         with trio.fail_after(1.0):  # recovered within one cooldown, not at idle_timeout
             async with pool.connection() as channel:
                 assert await echo(channel, b"trial") == b"trial"

@@ -33,11 +33,10 @@ from cryptography.x509.oid import NameOID
 
 import trio_securechannel as sc
 from trio_securechannel import BreakerState
+from trio_securechannel.testing import LoopbackRelay
 
 from conftest import SERVER_CERT
 from helpers import assert_all_slots_free, books, check_out_at_once, echo, wait_until
-from relay import Relay
-from ws_relay import WebSocketRelay
 
 
 def self_signed(name: str = "127.0.0.1", *, key: str = "ec") -> trustme.LeafCert:
@@ -110,13 +109,13 @@ def serving(certificate: trustme.LeafCert) -> ssl.SSLContext:
     return context
 
 
-async def start_relay(nursery: trio.Nursery, certificate: trustme.LeafCert) -> Relay:
-    relay = Relay(serving(certificate))
+async def start_relay(nursery: trio.Nursery, certificate: trustme.LeafCert) -> LoopbackRelay:
+    relay = LoopbackRelay(tls_context=serving(certificate))
     await nursery.start(relay.serve)
     return relay
 
 
-def address(relay: Relay | WebSocketRelay) -> str:
+def address(relay: LoopbackRelay | LoopbackRelay) -> str:
     """What ``pins`` names a relay by."""
     return f"127.0.0.1:{relay.port}"
 
@@ -128,7 +127,7 @@ def presented_pin(channel: sc.Channel) -> str:
     return sc.public_key_pin(der)
 
 
-def errors_of(pool: sc.SecureChannelPool, relay: Relay) -> dict[str, int]:
+def errors_of(pool: sc.SecureChannelPool, relay: LoopbackRelay) -> dict[str, int]:
     """One relay's failures by kind, as the pool counted them."""
     (status,) = [s for s in pool.status()["endpoints"] if s["target"] == address(relay)]
     errors: dict[str, int] = status["errors_by_kind"]
@@ -190,7 +189,7 @@ async def test_a_relay_with_two_pins_connects_with_either_key(
     ) as pool:
         async with pool.connection() as before:
             assert await echo(before, b"old key") == b"old key"
-            relay.server_context = serving(NEW_KEY)  # the relay switches keys
+            relay.tls_context = serving(NEW_KEY)  # the relay switches keys
             # ``before`` is still held: this checkout opens a new channel, on the new key.
             async with pool.connection() as after:
                 assert await echo(after, b"new key") == b"new key"
@@ -213,7 +212,7 @@ async def test_pins_given_in_a_config_survive_its_replace(
 
 
 async def test_a_pinned_relay_and_a_ca_verified_relay_serve_side_by_side(
-    nursery: trio.Nursery, relay: Relay, client_context: ssl.SSLContext
+    nursery: trio.Nursery, relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     pinned = await start_relay(nursery, SELF_SIGNED)
     async with sc.open_pool(
@@ -229,7 +228,7 @@ async def test_a_pinned_relay_and_a_ca_verified_relay_serve_side_by_side(
 
 
 async def test_pins_work_over_a_wss_relay(nursery: trio.Nursery) -> None:
-    ws_relay = WebSocketRelay(serving(SELF_SIGNED))
+    ws_relay = LoopbackRelay(websocket=True, path="/ws", tls_context=serving(SELF_SIGNED))
     await nursery.start(ws_relay.serve)
     # No ssl_context: the system roots, which know nothing of this relay; the pin is
     # the whole trust, as an Electrum client pins a self-signed server.
@@ -274,7 +273,7 @@ async def test_a_relay_showing_another_key_is_refused_before_a_byte_is_sent(
         assert pool.status()["errors_by_kind"] == {"pin": 3}
         assert books(pool)["in_use"] == books(pool)["opening"] == 0
         await wait_until(lambda: relay.active == 0)  # every connection seen to its end
-    assert relay.accepts == 3  # none while the breaker is open
+    assert relay.accepted == 3  # none while the breaker is open
     assert relay.handshakes == 3  # TLS itself succeeded: the pin refused the relay
     assert relay.requests == 0  # and nothing was sent to it
 
@@ -296,14 +295,14 @@ async def test_refusals_leak_no_slot_and_the_pinned_key_is_welcome_after(
                 async with pool.connection():
                     pytest.fail("a channel to a relay with another key was lent")
         assert relay.requests == 0
-        relay.server_context = serving(SELF_SIGNED)  # the relay shows the pinned key again
+        relay.tls_context = serving(SELF_SIGNED)  # the relay shows the pinned key again
         await assert_all_slots_free(pool)
         assert books(pool)["opened_total"] == 2  # both slots, on the pinned key
     assert relay.handshakes == 5 + 2
 
 
 async def test_a_pin_is_checked_even_when_the_ca_would_vouch_for_the_relay(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     # The relay fixture's certificate is valid for the client's CA; with the right pin it
     # is served, with a wrong one it is refused: the pin replaces the CA, it is no
@@ -329,7 +328,7 @@ async def test_a_pin_is_checked_even_when_the_ca_would_vouch_for_the_relay(
 async def test_a_wss_relay_showing_another_key_is_refused_before_its_upgrade(
     nursery: trio.Nursery,
 ) -> None:
-    ws_relay = WebSocketRelay(serving(SELF_SIGNED))
+    ws_relay = LoopbackRelay(websocket=True, path="/ws", tls_context=serving(SELF_SIGNED))
     await nursery.start(ws_relay.serve)
     async with sc.open_pool(ws_relay.url, pins={address(ws_relay): pin_of(NEW_KEY)}) as pool:
         with pytest.raises(sc.ConnectError) as info:
@@ -593,7 +592,9 @@ def test_a_wss_relay_is_pinned_by_its_host_and_port() -> None:
 
 
 @pytest.mark.parametrize("spelling", ["LOCALHOST:{port}", "localhost.:{port}", "LocalHost.:{port}"])
-async def test_a_pin_finds_its_relay_however_the_name_is_spelt(relay: Relay, spelling: str) -> None:
+async def test_a_pin_finds_its_relay_however_the_name_is_spelt(
+    relay: LoopbackRelay, spelling: str
+) -> None:
     # DNS names are case-insensitive and may end with a dot: one relay, one pin.
     pin = sc.public_key_pin(SERVER_CERT.cert_chain_pems[0].bytes())
     async with (

@@ -19,13 +19,21 @@ import trustme
 import trio_securechannel as sc
 from trio_securechannel import Endpoint, PoolConfig
 from trio_securechannel._connect import open_channel
+from trio_securechannel.testing import Fault, LoopbackRelay
 
-from conftest import CA, make_server_context
-from helpers import assert_all_slots_free, books, check_out_at_once, echo, relay_of, wait_until
-from relay import Relay, closed_port
+from conftest import CA, make_server_context, new_relay
+from helpers import (
+    assert_all_slots_free,
+    books,
+    check_out_at_once,
+    closed_port,
+    echo,
+    relay_of,
+    wait_until,
+)
 
 
-async def test_round_trip_and_reuse(relay: Relay, client_context: ssl.SSLContext) -> None:
+async def test_round_trip_and_reuse(relay: LoopbackRelay, client_context: ssl.SSLContext) -> None:
     async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
         assert not pool.healthy  # nothing established yet
         for _ in range(3):
@@ -42,7 +50,9 @@ async def test_round_trip_and_reuse(relay: Relay, client_context: ssl.SSLContext
     assert status["errors_total"] == 0
 
 
-async def test_status_is_json_serialisable(relay: Relay, client_context: ssl.SSLContext) -> None:
+async def test_status_is_json_serialisable(
+    relay: LoopbackRelay, client_context: ssl.SSLContext
+) -> None:
     async with (
         sc.open_pool(relay.target, ssl_context=client_context) as pool,
         pool.connection(),
@@ -95,8 +105,8 @@ async def test_dns_failure_is_a_connect_error(client_context: ssl.SSLContext) ->
 # -- rows 2, 3: a peer that never speaks TLS, or hangs up mid-handshake -----------------------
 
 
-async def test_silent_peer_times_out(relay: Relay, client_context: ssl.SSLContext) -> None:
-    relay.mode = "silent"
+async def test_silent_peer_times_out(relay: LoopbackRelay, client_context: ssl.SSLContext) -> None:
+    relay.fault = Fault.NO_TLS
     async with sc.open_pool(relay.target, ssl_context=client_context, connect_timeout=0.3) as pool:
         started = trio.current_time()
         with pytest.raises(sc.ConnectError, match=r"connect_timeout=0\.3s") as info:
@@ -107,12 +117,14 @@ async def test_silent_peer_times_out(relay: Relay, client_context: ssl.SSLContex
         assert books(pool)["opening"] == 0
         assert pool.status()["errors_by_kind"] == {"timeout": 1}
         await wait_until(lambda: relay.endings["before_tls"] == 1)  # the relay sees it closed
-        relay.mode = "echo"
+        relay.fault = Fault.NONE
         await assert_all_slots_free(pool)
 
 
-async def test_peer_hangs_up_during_handshake(relay: Relay, client_context: ssl.SSLContext) -> None:
-    relay.mode = "hangup"
+async def test_peer_hangs_up_during_handshake(
+    relay: LoopbackRelay, client_context: ssl.SSLContext
+) -> None:
+    relay.fault = Fault.CLOSE_ON_ACCEPT
     async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
         with pytest.raises(sc.ConnectError) as info:
             async with pool.connection():
@@ -120,7 +132,7 @@ async def test_peer_hangs_up_during_handshake(relay: Relay, client_context: ssl.
         assert info.value.phase == "tls"
         assert info.value.__cause__ is not None
         assert pool.status()["errors_total"] == 1
-        relay.mode = "echo"
+        relay.fault = Fault.NONE
         await assert_all_slots_free(pool)
 
 
@@ -159,7 +171,7 @@ async def test_bad_certificates_fail_closed(
     server_cert: trustme.LeafCert,
     verify_words: str,
 ) -> None:
-    relay = Relay(_relay_context(server_cert))
+    relay = LoopbackRelay(tls_context=_relay_context(server_cert))
     await nursery.start(relay.serve)
     async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
         with pytest.raises(sc.ConnectError, match=verify_words) as info:
@@ -172,7 +184,7 @@ async def test_bad_certificates_fail_closed(
 
 
 async def test_empty_root_store_fails_closed(
-    relay: Relay, tmp_path: Any, caplog: pytest.LogCaptureFixture
+    relay: LoopbackRelay, tmp_path: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     empty = tmp_path / "empty.pem"
     empty.write_text("")
@@ -185,7 +197,7 @@ async def test_empty_root_store_fails_closed(
     assert relay.handshakes == 0
 
 
-async def test_default_context_uses_system_roots_and_fails_closed(relay: Relay) -> None:
+async def test_default_context_uses_system_roots_and_fails_closed(relay: LoopbackRelay) -> None:
     # No ssl_context: the system's roots, which do not include this test's throwaway CA.
     async with sc.open_pool(relay.target) as pool:
         assert pool.ssl_context.verify_mode == ssl.CERT_REQUIRED
@@ -202,7 +214,7 @@ async def test_server_name_is_checked_for_dns_names(
 ) -> None:
     # The relay's certificate names relay.test; reaching it as "localhost" must fail, as
     # "relay.test" (resolved to 127.0.0.1 by a custom opener) must succeed.
-    relay = Relay(make_server_context())
+    relay = new_relay()
     await nursery.start(relay.serve)
 
     async def to_relay(host: str, port: int) -> trio.abc.Stream:
@@ -232,7 +244,7 @@ async def test_tls_1_1_only_server_is_refused(
         warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.1 is deprecated, rightly
         context.minimum_version = ssl.TLSVersion.TLSv1
         context.maximum_version = ssl.TLSVersion.TLSv1_1
-    relay = Relay(context)
+    relay = LoopbackRelay(tls_context=context)
     await nursery.start(relay.serve)
     async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
         with pytest.raises(sc.ConnectError) as info:
@@ -249,16 +261,16 @@ async def test_tls_1_1_only_server_is_refused(
 
 @pytest.mark.parametrize("how", ["reset", "tls-close"])
 async def test_dead_idle_channel_is_replaced_at_checkout(
-    relay: Relay, client_context: ssl.SSLContext, how: str
+    relay: LoopbackRelay, client_context: ssl.SSLContext, how: str
 ) -> None:
     async with sc.open_pool(relay.target, ssl_context=client_context, cleanup_interval=60) as pool:
         async with pool.connection() as channel:
             assert await echo(channel, b"one") == b"one"
         if how == "reset":
-            relay.reset_connections()
+            relay.kill_connections()
         else:
             relay.idle_close_after = 0.0
-            relay.reset_connections()  # the handler waiting with no timeout is replaced...
+            relay.kill_connections()  # the handler waiting with no timeout is replaced...
             relay.idle_close_after = 0.05  # ...by fresh ones with an idle timeout
         await trio.sleep(0.1)  # the relay's goodbye reaches our socket
         async with pool.connection() as channel:
@@ -270,7 +282,7 @@ async def test_dead_idle_channel_is_replaced_at_checkout(
 
 
 async def test_relay_idle_timeout_detected_by_cleanup_pass(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     relay.idle_close_after = 0.05
     options: dict[str, Any] = {"ssl_context": client_context, "cleanup_interval": 0.1}
@@ -280,12 +292,12 @@ async def test_relay_idle_timeout_detected_by_cleanup_pass(
         assert pool.healthy
         await wait_until(lambda: books(pool)["idle"] == 0)
         assert books(pool)["closed_by_reason"] == {"stale": 1}
-        assert relay.endings["relay_idle_close"] == 1
+        assert relay.endings["idle_close"] == 1
         assert not pool.healthy  # the pool emptied: the flag resets
 
 
 async def test_session_tickets_do_not_make_a_channel_look_stale(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     # OpenSSL-based relays send TLS 1.3 session tickets after the handshake. Nobody reads
     # an idle channel, so at checkout they wait on its socket: TLS housekeeping, not a
@@ -314,7 +326,7 @@ async def test_session_tickets_do_not_make_a_channel_look_stale(
     ids=["30-50ms, while a spare is watched", "200ms, once spares are pooled"],
 )
 async def test_late_session_tickets_keep_spares_warm(
-    relay: Relay,
+    relay: LoopbackRelay,
     client_context: ssl.SSLContext,
     tickets_after: Callable[[], float],
     waiting_at_checkout: bool,
@@ -332,9 +344,9 @@ async def test_late_session_tickets_keep_spares_warm(
 
 
 async def test_block_ending_on_a_send_is_not_pooled(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
-    relay.echo_delay = 0.1  # the reply is still on its way when the block ends
+    relay.latency = 0.1  # the reply is still on its way when the block ends
     async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
         async with pool.connection() as first:
             assert await echo(first, b"read") == b"read"
@@ -347,7 +359,7 @@ async def test_block_ending_on_a_send_is_not_pooled(
 
 
 async def test_data_pushed_onto_an_idle_channel_is_detected(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
         async with pool.connection() as first:
@@ -361,7 +373,7 @@ async def test_data_pushed_onto_an_idle_channel_is_detected(
 
 
 async def test_channel_closed_by_a_user_who_kept_it_is_not_lent(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     options: dict[str, Any] = {"ssl_context": client_context, "cleanup_interval": 0.05}
     async with sc.open_pool(relay.target, **options) as pool:
@@ -381,13 +393,15 @@ async def test_channel_closed_by_a_user_who_kept_it_is_not_lent(
 # -- row 7: reset while checked out -----------------------------------------------------------
 
 
-async def test_reset_while_checked_out(relay: Relay, client_context: ssl.SSLContext) -> None:
+async def test_reset_while_checked_out(
+    relay: LoopbackRelay, client_context: ssl.SSLContext
+) -> None:
     async with sc.open_pool(relay.target, ssl_context=client_context, max_connections=2) as pool:
 
         async def use_through_a_reset() -> None:
             async with pool.connection() as channel:
                 assert await echo(channel, b"before") == b"before"
-                relay.reset_connections()
+                relay.kill_connections()
                 with pytest.raises(trio.BrokenResourceError):
                     await channel.receive_some()
                 assert channel.errors == {"io": 1}
@@ -414,7 +428,7 @@ class AppError(Exception):
 
 
 async def test_app_exception_comes_out_bare_and_channel_is_dropped(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
         lent: list[sc.SecureChannel] = []
@@ -438,7 +452,7 @@ async def test_app_exception_comes_out_bare_and_channel_is_dropped(
 
 
 async def test_exception_in_pool_body_comes_out_bare(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     with pytest.raises(AppError):
         async with sc.open_pool(relay.target, ssl_context=client_context, min_idle=2):
@@ -446,9 +460,9 @@ async def test_exception_in_pool_body_comes_out_bare(
 
 
 async def test_cancel_inside_block_discards_channel(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
-    relay.echo_delay = 10
+    relay.latency = 10
     async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
         with trio.move_on_after(0.1) as scope:
             async with pool.connection() as channel:
@@ -457,12 +471,12 @@ async def test_cancel_inside_block_discards_channel(
         assert scope.cancelled_caught
         assert channel.closed
         assert books(pool)["closed_by_reason"] == {"aborted": 1}
-        relay.echo_delay = 0
+        relay.latency = 0
         await assert_all_slots_free(pool)
 
 
 async def test_exhausted_at_once_with_zero_acquire_timeout(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     async with sc.open_pool(relay.target, ssl_context=client_context, max_connections=2) as pool:
         async with pool.connection(), pool.connection():
@@ -476,7 +490,7 @@ async def test_exhausted_at_once_with_zero_acquire_timeout(
 
 
 async def test_waiters_are_served_fifo_then_time_out(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     options: dict[str, Any] = {"max_connections": 1, "acquire_timeout": 5.0}
     async with sc.open_pool(relay.target, ssl_context=client_context, **options) as pool:
@@ -520,7 +534,7 @@ async def test_waiters_are_served_fifo_then_time_out(
 
 
 async def test_thousand_tasks_on_fifty_channels(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     options: dict[str, Any] = {"max_connections": 50, "acquire_timeout": 60.0}
     rng = random.Random(1000)
@@ -550,7 +564,7 @@ def _open_fds() -> int:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
-async def test_no_socket_left_open(relay: Relay, client_context: ssl.SSLContext) -> None:
+async def test_no_socket_left_open(relay: LoopbackRelay, client_context: ssl.SSLContext) -> None:
     before = _open_fds()
     async with (
         sc.open_pool(relay.target, ssl_context=client_context, max_connections=8) as pool,
@@ -568,7 +582,7 @@ async def _one_round_trip(pool: sc.SecureChannelPool) -> None:
 
 
 async def test_full_duplex_use_measures_sane_round_trips(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     # One task sends while another receives, as trio.abc.Stream allows (pipelining).
     options: dict[str, Any] = {"ssl_context": client_context, "max_latency_ms": 1000}
@@ -599,7 +613,7 @@ async def test_full_duplex_use_measures_sane_round_trips(
 
 
 async def test_channel_whose_socket_was_closed_under_it_is_not_lent(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
         async with pool.connection() as first:

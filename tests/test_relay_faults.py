@@ -17,20 +17,20 @@ import trio
 import trio.testing
 
 import trio_securechannel as sc
+from trio_securechannel.testing import Fault, LoopbackRelay, RelayStream
 
-from conftest import make_server_context
-from helpers import books, echo, relay_of, wait_until
-from relay import MemoryRelay, Relay, closed_port
+from conftest import new_relay
+from helpers import books, closed_port, echo, relay_of, wait_until
 
 
-async def start_relays(nursery: trio.Nursery, count: int) -> list[Relay]:
-    relays = [Relay(make_server_context()) for _ in range(count)]
+async def start_relays(nursery: trio.Nursery, count: int) -> list[LoopbackRelay]:
+    relays = [new_relay() for _ in range(count)]
     for relay in relays:
         await nursery.start(relay.serve)
     return relays
 
 
-def name(relay: Relay) -> str:
+def name(relay: LoopbackRelay) -> str:
     return f"127.0.0.1:{relay.port}"
 
 
@@ -41,7 +41,7 @@ async def test_a_hung_relay_times_out_opens_its_breaker_and_gets_no_traffic(
     nursery: trio.Nursery, client_context: ssl.SSLContext
 ) -> None:
     hung, *healthy = await start_relays(nursery, 3)
-    hung.mode = "hang"
+    hung.fault = Fault.HANG_AFTER_HANDSHAKE
     options: dict[str, Any] = {
         "ssl_context": client_context,
         "request_timeout": 0.2,
@@ -75,13 +75,13 @@ async def test_a_hung_relay_times_out_opens_its_breaker_and_gets_no_traffic(
     assert hung_status["errors_by_kind"] == {"timeout": 3}  # each counted once
     assert hung_status["connections"]["closed_by_reason"] == {"error": 3}  # discarded
     assert status["errors_total"] == 3
-    assert healthy[0].echoed_bytes + healthy[1].echoed_bytes == 4 * served
+    assert healthy[0].bytes_sent + healthy[1].bytes_sent == 4 * served
 
 
 async def test_a_callers_own_timeout_blames_nobody(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
-    relay.mode = "hang"
+    relay.fault = Fault.HANG_AFTER_HANDSHAKE
     async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
         with trio.move_on_after(0.1):  # no request_timeout: the caller's own deadline
             async with pool.connection() as channel:
@@ -93,9 +93,9 @@ async def test_a_callers_own_timeout_blames_nobody(
 
 
 async def test_each_checkout_can_set_or_lift_the_time_limit(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
-    relay.mode = "hang"
+    relay.fault = Fault.HANG_AFTER_HANDSHAKE
     async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
         began = trio.current_time()
         with pytest.raises(sc.RequestTimeout) as info:
@@ -118,9 +118,9 @@ async def test_each_checkout_can_set_or_lift_the_time_limit(
 
 
 async def test_the_time_limit_counts_from_the_checkout(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
-    relay.mode = "hang"
+    relay.fault = Fault.HANG_AFTER_HANDSHAKE
     options: dict[str, Any] = {"ssl_context": client_context, "request_timeout": 0.3}
     async with sc.open_pool(relay.target, **options) as pool, pool.connection() as channel:
         await trio.sleep(0.2)  # the block's own work counts against the limit
@@ -131,9 +131,9 @@ async def test_the_time_limit_counts_from_the_checkout(
 
 
 async def test_a_send_the_relay_will_not_take_times_out(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
-    relay.mode = "deaf"  # completes TLS, then reads nothing: our send fills the buffers
+    relay.fault = Fault.STOP_READING  # TLS, then reads nothing: our send fills the buffers
     options: dict[str, Any] = {"ssl_context": client_context, "request_timeout": 0.3}
     async with sc.open_pool(relay.target, **options) as pool:
         with pytest.raises(sc.RequestTimeout):
@@ -146,9 +146,9 @@ async def test_a_send_the_relay_will_not_take_times_out(
 
 
 async def test_a_relay_that_drops_every_session_is_not_hammered_by_spares(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
-    relay.mode = "drop_after_handshake"  # a TLS terminator whose backend is down
+    relay.fault = Fault.DROP_AFTER_HANDSHAKE  # a TLS terminator whose backend is down
     options: dict[str, Any] = {
         "ssl_context": client_context,
         "min_idle": 5,
@@ -170,9 +170,9 @@ async def test_a_relay_that_drops_every_session_is_not_hammered_by_spares(
 
 
 async def test_a_relay_that_hangs_up_on_every_request_opens_the_breaker(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
-    relay.mode = "drop_after_handshake"
+    relay.fault = Fault.DROP_AFTER_HANDSHAKE
     options: dict[str, Any] = {
         "ssl_context": client_context,
         "breaker_failure_threshold": 3,
@@ -206,11 +206,11 @@ async def test_a_relay_that_hangs_up_on_every_request_opens_the_breaker(
 @pytest.mark.parametrize("down_for", [120.0, 125.0, 130.0, 140.0])
 async def test_spares_are_back_within_a_moment_of_the_relay(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
     down_for: float,
 ) -> None:
-    memory_relay.mode = "refuse"
+    memory_relay.fault = Fault.REFUSE
     options: dict[str, Any] = {
         "min_idle": 5,
         "breaker_failure_threshold": 5,
@@ -219,13 +219,13 @@ async def test_spares_are_back_within_a_moment_of_the_relay(
     async with sc.open_pool(
         "relay.test:443",
         ssl_context=client_context,
-        open_transport=memory_relay.open_transport,
+        open_transport=memory_relay.open_memory_stream,
         **options,
     ) as pool:
         # Long enough for the spare backoff to reach its 30 s cap; whenever the relay is
         # back, the next trial comes with the next cooldown's end, not a backoff later.
         await trio.sleep(down_for)
-        memory_relay.mode = "echo"
+        memory_relay.fault = Fault.NONE
         with trio.fail_after(10.0 + 1.0):  # the next trial, one cooldown at most
             await wait_until(lambda: pool.breaker_state is sc.BreakerState.CLOSED, within=11.0)
         closed_at = trio.current_time()
@@ -271,7 +271,7 @@ async def test_callers_wait_their_turn_at_a_busy_relay_rather_than_see_a_refusal
 
 
 async def test_a_message_pushed_behind_a_reply_never_reaches_the_next_caller(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     relay.push_behind_reply = b'{"method":"blockchain.headers.subscribe"}\n'
     async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
@@ -291,7 +291,7 @@ async def test_a_message_pushed_behind_a_reply_never_reaches_the_next_caller(
 
 
 async def test_a_channel_whose_pushed_record_is_half_there_is_not_lent_again(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     # The push's record is split across TCP segments: half of it waits when the next
     # checkout looks, the rest comes later. That channel must never be lent again (its
@@ -326,18 +326,18 @@ async def test_a_channel_whose_pushed_record_is_half_there_is_not_lent_again(
     ids=["hostname check off", "any TLS version allowed"],
 )
 async def test_a_context_weakened_after_open_is_refused_at_the_next_connect(
-    relay: Relay, client_context: ssl.SSLContext, weaken: Any, named: str
+    relay: LoopbackRelay, client_context: ssl.SSLContext, weaken: Any, named: str
 ) -> None:
     async with sc.open_pool(relay.target, ssl_context=client_context) as pool:
         async with pool.connection() as channel:
             assert await echo(channel, b"before") == b"before"
         await relay_of(pool).close_idle("test")  # the next checkout must connect
-        accepted = relay.accepts
+        accepted = relay.accepted
         weaken(client_context)
         with pytest.raises(ValueError, match=f"{named}.*changed after the pool was opened"):
             async with pool.connection():
                 pass
-        assert relay.accepts == accepted  # no connection was made with it
+        assert relay.accepted == accepted  # no connection was made with it
         status = pool.status()
         assert status["connections"]["opening"] == status["connections"]["in_use"] == 0
         assert status["breaker"]["consecutive_failures"] == 0  # not the relay's fault
@@ -347,9 +347,9 @@ async def test_a_context_weakened_after_open_is_refused_at_the_next_connect(
 
 
 async def test_a_quiet_spare_does_not_prove_a_relay_that_never_answers(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
-    relay.mode = "hang"
+    relay.fault = Fault.HANG_AFTER_HANDSHAKE
     options: dict[str, Any] = {
         "ssl_context": client_context,
         "request_timeout": 0.1,
@@ -375,11 +375,11 @@ async def test_a_quiet_spare_does_not_prove_a_relay_that_never_answers(
 
 
 async def test_a_relay_that_speaks_first_is_not_hammered_while_half_open(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     # A relay with a banner right after TLS: every spare is spent ("unexpected data"),
     # so a spare never proves it; the spare keeper backs off in every breaker state.
-    relay.mode = "refuse"
+    relay.fault = Fault.CLOSE_ON_ACCEPT
     options: dict[str, Any] = {
         "ssl_context": client_context,
         "min_idle": 1,
@@ -388,6 +388,13 @@ async def test_a_relay_that_speaks_first_is_not_hammered_while_half_open(
     }
     async with sc.open_pool(relay.target, **options) as pool:
         await wait_until(lambda: pool.breaker_state is sc.BreakerState.OPEN)
-        relay.mode = "greet"
+        relay.handler = greet_then_echo
         await trio.sleep(2.0)
     assert relay.handshakes <= 5  # backing off 0.5 s, 1 s, 2 s ...: before, hundreds
+
+
+async def greet_then_echo(stream: RelayStream) -> None:
+    """A relay handler: a banner right after TLS, as SMTP servers send, then echo."""
+    await stream.send_all(b"220 relay ready\r\n")
+    while data := await stream.receive_some():
+        await stream.send_all(data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 from collections import Counter
+from functools import partial
 from typing import Any
 
 import pytest
@@ -11,14 +12,14 @@ import trio
 import trio.testing
 
 import trio_securechannel as sc
+from trio_securechannel.testing import Fault, LoopbackRelay
 
-from conftest import make_server_context
+from conftest import new_relay
 from helpers import echo, wait_until
-from relay import Relay
 
 
-async def start_relays(nursery: trio.Nursery, count: int) -> list[Relay]:
-    relays = [Relay(make_server_context()) for _ in range(count)]
+async def start_relays(nursery: trio.Nursery, count: int) -> list[LoopbackRelay]:
+    relays = [new_relay() for _ in range(count)]
     for relay in relays:
         await nursery.start(relay.serve)
     return relays
@@ -89,7 +90,7 @@ async def test_a_relay_killed_and_revived(
             killed_at = dict(traffic.served)
             await trio.sleep(0.6)
             during = {name: traffic.served[name] - killed_at[name] for name in names}
-            await nursery.start(relays[0].serve)  # ...and comes back on its port
+            relays[0].restart()  # ...and comes back on its port
             revived_at = dict(traffic.served)
             await wait_until(lambda: traffic.served[names[0]] > revived_at[names[0]] + 20)
             stop.set()
@@ -133,7 +134,7 @@ async def test_a_slow_relay_gets_less_traffic(
     nursery: trio.Nursery, client_context: ssl.SSLContext
 ) -> None:
     fast, slow = await start_relays(nursery, 2)
-    slow.echo_delay = 0.02  # 20 ms a round trip, against well under 1 ms
+    slow.latency = 0.02  # 20 ms a round trip, against well under 1 ms
     async with sc.open_pool([fast.target, slow.target], ssl_context=client_context) as pool:
         traffic = Traffic(pool)
         stop = trio.Event()
@@ -155,7 +156,7 @@ async def test_all_breakers_open_gives_the_earliest_retry_after(
 ) -> None:
     relays = await start_relays(nursery, 2)
     for relay in relays:
-        relay.mode = "hangup"
+        relay.fault = Fault.CLOSE_ON_ACCEPT
     options: dict[str, Any] = {
         "ssl_context": client_context,
         "breaker_failure_threshold": 1,
@@ -171,7 +172,7 @@ async def test_all_breakers_open_gives_the_earliest_retry_after(
                 pass
         assert 29 < info.value.retry_after <= 30
         assert pool.status()["breaker"]["state"] == "open"
-        accepts = [relay.accepts for relay in relays]
+        accepts = [relay.accepted for relay in relays]
     assert accepts == [1, 1]  # nothing more was tried while both were open
 
 
@@ -200,12 +201,12 @@ async def test_metrics_and_status_name_each_relay(
 async def test_a_full_relay_does_not_hold_up_a_checkout(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, client_context: ssl.SSLContext
 ) -> None:
-    from relay import MemoryRelay
-
-    relays = [MemoryRelay(make_server_context(), nursery) for _ in range(2)]
+    relays = [new_relay() for _ in range(2)]
+    for relay in relays:
+        await nursery.start(partial(relay.serve, listen=False))
 
     async def route(host: str, port: int) -> trio.abc.Stream:
-        return await relays[port - 1].open_transport(host, port)
+        return await relays[port - 1].open_memory_stream(host, port)
 
     options: dict[str, Any] = {
         "ssl_context": client_context,

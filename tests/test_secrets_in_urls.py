@@ -9,50 +9,27 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import ssl
-from collections.abc import AsyncIterator
 
 import pytest
 import trio
-from trio_websocket import WebSocketRequest
 
 import trio_securechannel as sc
 from trio_securechannel import Endpoint
+from trio_securechannel.testing import LoopbackRelay
 
-from conftest import make_server_context
+from conftest import new_relay
+from helpers import closed_port
 from http_client import request
-from ws_relay import WebSocketRelay
 
 SECRET = "sk_live_5ecr3tK3y"
 
 
-class RecordingRelay(WebSocketRelay):
-    """A `WebSocketRelay` that also keeps the resource each upgrade request asked for."""
-
-    def __init__(self, server_context: ssl.SSLContext) -> None:
-        super().__init__(server_context)
-        self.resources: list[str] = []
-
-    async def _handle(self, request: WebSocketRequest) -> None:
-        self.resources.append(request.path)
-        await super()._handle(request)
-
-
 @pytest.fixture
-async def ws_relay(nursery: trio.Nursery) -> AsyncIterator[RecordingRelay]:
-    relay = RecordingRelay(make_server_context())
+async def ws_relay(nursery: trio.Nursery) -> LoopbackRelay:
+    relay = new_relay(websocket=True, path="/ws")
     await nursery.start(relay.serve)
-    yield relay
-    relay.stop()
-
-
-def closed_port() -> int:
-    """A port on 127.0.0.1 nobody listens on: connecting to it is refused."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
+    return relay
 
 
 def assert_no_secret(*texts: object) -> None:
@@ -62,7 +39,7 @@ def assert_no_secret(*texts: object) -> None:
 
 
 async def test_the_relay_gets_the_query_and_nothing_else_shows_it(
-    ws_relay: RecordingRelay, client_context: ssl.SSLContext, caplog: pytest.LogCaptureFixture
+    ws_relay: LoopbackRelay, client_context: ssl.SSLContext, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)  # ours, trio-websocket's: every record
     url = f"{ws_relay.url}?apikey={SECRET}&v=2"
@@ -85,7 +62,7 @@ async def test_the_relay_gets_the_query_and_nothing_else_shows_it(
             assert served.status == 200
             assert f"{ws_relay.url}?...".encode() in served.body
             assert_no_secret(served.body.decode())
-    assert ws_relay.resources == [f"/ws?apikey={SECRET}&v=2"]  # the real one, as given
+    assert ws_relay.request_paths == [f"/ws?apikey={SECRET}&v=2"]  # the real one, as given
     assert caplog.records  # something was logged, and none of it the secret
     assert_no_secret(caplog.text)
 
@@ -116,7 +93,7 @@ async def test_connect_errors_and_the_breaker_do_not_show_the_query(
 
 
 async def test_pool_exhausted_does_not_show_the_query(
-    ws_relay: RecordingRelay, client_context: ssl.SSLContext
+    ws_relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     url = f"{ws_relay.url}?apikey={SECRET}"
     opening = sc.open_pool(url, ssl_context=client_context, max_connections=1)

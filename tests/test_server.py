@@ -15,17 +15,17 @@ from trio_websocket import ConnectionClosed, open_websocket_url, wrap_client_str
 
 import trio_securechannel as sc
 import trio_securechannel._server as server_module
+from trio_securechannel.testing import Fault, LoopbackRelay
 
 from helpers import echo, relay_of
 from http_client import raw_exchange, request
-from relay import Relay
 
 TOKEN = "s3cr3t-t0ken-for-tests"
 
 
 @asynccontextmanager
 async def metrics_pool(
-    relay: Relay, context: ssl.SSLContext, **options: Any
+    relay: LoopbackRelay, context: ssl.SSLContext, **options: Any
 ) -> AsyncIterator[tuple[sc.SecureChannelPool, tuple[str, int]]]:
     async with sc.open_pool(relay.target, ssl_context=context, metrics_port=0, **options) as pool:
         assert pool.metrics_address is not None  # bound before open_pool yields
@@ -33,7 +33,7 @@ async def metrics_pool(
 
 
 async def test_serves_metrics_status_and_health_without_a_token(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     async with metrics_pool(relay, client_context) as (pool, address):
         assert address[0] == "127.0.0.1"
@@ -68,7 +68,7 @@ async def test_serves_metrics_status_and_health_without_a_token(
     ids=["x-auth-token", "bearer", "bearer-lowercase", "right-then-wrong", "wrong-then-right"],
 )
 async def test_token_accepted_either_way(
-    relay: Relay, client_context: ssl.SSLContext, headers: list[tuple[str, str]]
+    relay: LoopbackRelay, client_context: ssl.SSLContext, headers: list[tuple[str, str]]
 ) -> None:
     async with metrics_pool(relay, client_context, metrics_auth_token=TOKEN) as (_, address):
         for path in ("/metrics", "/status"):
@@ -77,7 +77,7 @@ async def test_token_accepted_either_way(
 
 
 async def test_missing_and_wrong_tokens_get_the_same_401(
-    relay: Relay, client_context: ssl.SSLContext, caplog: pytest.LogCaptureFixture
+    relay: LoopbackRelay, client_context: ssl.SSLContext, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     async with metrics_pool(relay, client_context, metrics_auth_token=TOKEN) as (pool, address):
@@ -110,7 +110,7 @@ async def test_missing_and_wrong_tokens_get_the_same_401(
 
 
 async def test_unknown_paths_wrong_methods_and_plain_events(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     async with metrics_pool(relay, client_context, metrics_auth_token=TOKEN) as (_, address):
         auth = [("x-auth-token", TOKEN)]
@@ -124,7 +124,7 @@ async def test_unknown_paths_wrong_methods_and_plain_events(
 
 
 async def test_oversized_and_slow_clients_do_not_hold_the_server(
-    relay: Relay, client_context: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch
+    relay: LoopbackRelay, client_context: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(server_module, "READ_TIMEOUT", 0.5)
     monkeypatch.setattr(server_module, "KEEP_ALIVE_TIMEOUT", 0.5)
@@ -159,9 +159,9 @@ async def test_oversized_and_slow_clients_do_not_hold_the_server(
 
 
 async def test_healthz_reports_an_open_breaker(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
-    relay.mode = "hangup"
+    relay.fault = Fault.CLOSE_ON_ACCEPT
     async with metrics_pool(relay, client_context, breaker_failure_threshold=1) as (pool, address):
         with pytest.raises(sc.ConnectError):
             async with pool.connection():
@@ -170,7 +170,9 @@ async def test_healthz_reports_an_open_breaker(
         assert (health.status, health.body) == (503, b"unavailable\n")
 
 
-async def test_events_stream_over_websocket(relay: Relay, client_context: ssl.SSLContext) -> None:
+async def test_events_stream_over_websocket(
+    relay: LoopbackRelay, client_context: ssl.SSLContext
+) -> None:
     options: dict[str, Any] = {"metrics_auth_token": TOKEN, "breaker_failure_threshold": 1}
     async with metrics_pool(relay, client_context, **options) as (pool, address):
         url = f"ws://{address[0]}:{address[1]}/events"
@@ -193,7 +195,7 @@ async def test_events_stream_over_websocket(relay: Relay, client_context: ssl.SS
             opened = json.loads(await ws.get_message())
             assert opened["type"] == "channel_opened"
             assert opened["channel"] == channel.id
-            relay.mode = "hangup"
+            relay.fault = Fault.CLOSE_ON_ACCEPT
             await relay_of(pool).close_idle("test")
             closed = json.loads(await ws.get_message())
             assert closed == {
@@ -227,7 +229,7 @@ async def _closed(stream: trio.SocketStream) -> bool:
 
 
 async def test_events_wrong_token_is_refused_and_clients_see_the_pool_close(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     upgrade = (
         b"GET /events HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -268,7 +270,7 @@ async def test_events_wrong_token_is_refused_and_clients_see_the_pool_close(
 
 
 async def test_a_busy_metrics_port_is_a_plain_os_error(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     async with metrics_pool(relay, client_context) as (_, address):
         with pytest.raises(
@@ -281,7 +283,7 @@ async def test_a_busy_metrics_port_is_a_plain_os_error(
 
 
 async def test_an_events_listener_that_only_listens_outlives_the_read_timeout(
-    relay: Relay, client_context: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch
+    relay: LoopbackRelay, client_context: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(server_module, "READ_TIMEOUT", 1.0)
     monkeypatch.setattr(server_module, "KEEP_ALIVE_TIMEOUT", 1.0)

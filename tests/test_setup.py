@@ -24,11 +24,10 @@ from trio_securechannel.jsonrpc import (
     RpcError,
     electrum_handshake,
 )
+from trio_securechannel.testing import LoopbackRelay, RelayStream
 
-from conftest import make_server_context
 from helpers import assert_all_slots_free, books, echo, wait_until
 from jsonrpc_relay import JsonRpcRelay
-from relay import Relay
 
 Setup = Callable[[sc.Channel], Awaitable[None]]
 
@@ -38,10 +37,10 @@ class ElectrumRelay(JsonRpcRelay):
     to see the pool close the channels it did not keep."""
 
     def __init__(self) -> None:
-        super().__init__(make_server_context(), electrum_rules=True)
+        super().__init__(electrum_rules=True)
         self.ended = 0
 
-    async def _handle_tls(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+    async def _handle_tls(self, stream: RelayStream) -> None:
         try:
             await super()._handle_tls(stream)
         finally:
@@ -297,7 +296,7 @@ async def test_a_channel_error_in_setup_is_one_failure_not_two(
 
 
 async def test_a_setup_that_raises_is_a_connect_error_with_its_exception_as_cause(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     broken = True
 
@@ -449,7 +448,7 @@ async def test_a_setup_that_leaves_a_reply_on_its_way_fails_the_connect(
 
 
 async def test_a_setup_that_leaves_bytes_unread_fails_the_connect(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     async def setup(channel: sc.Channel) -> None:
         assert isinstance(channel, sc.SecureChannel)
@@ -489,7 +488,7 @@ async def test_a_setup_that_leaves_reply_data_unread_fails_the_connect(
 ) -> None:
     # Lent as it is, the next call would read the rest as its own reply, and the relay
     # would be blamed for it (a ProtocolError, a failure for its breaker).
-    relay = JsonRpcRelay(make_server_context(), electrum_rules=True)
+    relay = JsonRpcRelay(electrum_rules=True)
     await nursery.start(getattr(relay, serve))
     target = relay.url if serve == "serve_wss" else relay.target
     async with sc.open_pool(target, ssl_context=client_context, setup=setup) as pool:
@@ -505,7 +504,7 @@ async def test_a_setup_that_leaves_reply_data_unread_fails_the_connect(
 async def test_setup_runs_on_websocket_channels_after_the_upgrade(
     nursery: trio.Nursery, client_context: ssl.SSLContext
 ) -> None:
-    relay = JsonRpcRelay(make_server_context(), electrum_rules=True)
+    relay = JsonRpcRelay(electrum_rules=True)
     await nursery.start(relay.serve_wss)
     seen: list[sc.Channel] = []
     async with sc.open_pool(
@@ -552,7 +551,7 @@ def test_a_setup_that_is_not_callable_is_refused() -> None:
 async def test_a_setup_that_is_not_async_is_our_mistake_not_the_relays(
     nursery: trio.Nursery, client_context: ssl.SSLContext
 ) -> None:
-    relay = JsonRpcRelay(make_server_context())
+    relay = JsonRpcRelay()
     await nursery.start(relay.serve_tls)
 
     def not_async(channel: sc.Channel) -> None:

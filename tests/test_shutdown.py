@@ -9,13 +9,13 @@ import pytest
 import trio
 
 import trio_securechannel as sc
+from trio_securechannel.testing import Fault, LoopbackRelay
 
 from helpers import books, echo, wait_until
-from relay import Relay
 
 
 async def test_idle_closed_with_close_notify_and_lent_closed_on_return(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     options: dict[str, Any] = {"min_idle": 2, "max_connections": 4, "shutdown_timeout": 5}
     async with trio.open_nursery() as nursery:
@@ -50,7 +50,7 @@ async def test_idle_closed_with_close_notify_and_lent_closed_on_return(
 
 
 async def test_channel_never_returned_is_closed_at_the_deadline(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     outcome: list[type[BaseException]] = []
     async with trio.open_nursery() as nursery:
@@ -75,7 +75,9 @@ async def test_channel_never_returned_is_closed_at_the_deadline(
     await wait_until(lambda: relay.active == 0)
 
 
-async def test_waiters_get_pool_closed(relay: Relay, client_context: ssl.SSLContext) -> None:
+async def test_waiters_get_pool_closed(
+    relay: LoopbackRelay, client_context: ssl.SSLContext
+) -> None:
     options: dict[str, Any] = {"max_connections": 1, "acquire_timeout": 60, "shutdown_timeout": 0.2}
     errors: list[BaseException] = []
     async with (
@@ -104,7 +106,7 @@ async def test_waiters_get_pool_closed(relay: Relay, client_context: ssl.SSLCont
 
 
 async def test_cancelled_body_still_closes_gracefully(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     with trio.move_on_after(0.2) as scope:
         async with sc.open_pool(relay.target, ssl_context=client_context, min_idle=3) as pool:
@@ -116,11 +118,11 @@ async def test_cancelled_body_still_closes_gracefully(
 
 
 async def test_spares_being_opened_are_abandoned_cleanly(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
-    relay.mode = "silent"
+    relay.fault = Fault.NO_TLS
     async with sc.open_pool(relay.target, ssl_context=client_context, min_idle=2) as pool:
-        await wait_until(lambda: relay.accepts == 2)
+        await wait_until(lambda: relay.accepted == 2)
         assert books(pool)["opening"] == 2
     assert books(pool)["opening"] == 0
     assert pool.status()["errors_total"] == 0  # shutting down is not a relay failure

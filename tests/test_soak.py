@@ -58,16 +58,16 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterator, Set
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import trio
 
 import trio_securechannel as sc
+from trio_securechannel.testing import Fault, LoopbackRelay
 
-from conftest import make_server_context
+from conftest import new_relay
 from helpers import books, wait_until
-from relay import Mode, Relay
 
 pytestmark = pytest.mark.skipif(
     not os.path.isdir("/proc/self/fd"), reason="counts descriptors and sockets in /proc"
@@ -116,7 +116,17 @@ ALPHABET = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 #: as soon as the kernel's softirq work runs on a busy machine).
 PUSH_MARGIN = 0.02
 
-MODES = ("hang", "drop_after_handshake", "refuse", "hangup", "silent", "deaf")
+#: The faults of the testing kit's relay that the chaos switches on, by name.
+MODES = {
+    "hang": Fault.HANG_AFTER_HANDSHAKE,
+    "drop_after_handshake": Fault.DROP_AFTER_HANDSHAKE,
+    "refuse": Fault.REFUSE,
+    "hangup": Fault.CLOSE_ON_ACCEPT,
+    "reset_on_accept": Fault.RESET_ON_ACCEPT,
+    "silent": Fault.NO_TLS,
+    "deaf": Fault.STOP_READING,
+    "reset_mid_reply": Fault.RESET_MID_REPLY,
+}
 INSTANT_FAULTS = ("reset", "push")
 FAULTS = (*MODES, *INSTANT_FAULTS, "slow", "push_behind_reply", "late_tickets", "idle_close",
           "restart")  # fmt: skip
@@ -309,7 +319,7 @@ class Soak:
     def __init__(
         self,
         pool: sc.SecureChannelPool,
-        relays: list[Relay],
+        relays: list[LoopbackRelay],
         relay_nursery: trio.Nursery,
         seed: int,
         baseline: Census,
@@ -329,7 +339,6 @@ class Soak:
         self.gate.set()
         self.parked = 0
         self.stopping = False
-        self.restarting = 0  # relays starting again after a stop
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -515,18 +524,17 @@ class Soak:
         relay = self.relays[index]
         self.figures.faults[kind] += 1
         if kind == "reset":
-            relay.reset_connections()
+            relay.kill_connections()
             await trio.lowlevel.checkpoint()
             return
-        # Relay.push, one connection at a time, to know when each got its push.
+        # LoopbackRelay.push, one connection at a time, to know when each got its push.
         reached = 0
-        for stream, send_lock in list(relay._tls_streams.items()):
+        for stream in list(relay._streams):
             number = len(self.push_sent_at)
             self.push_sent_at.append(math.inf)  # not sent yet: seen anywhere, it is fine
             with trio.move_on_after(1.0):
                 try:
-                    async with send_lock:
-                        await stream.send_all(b"\xffF%d\xff" % number)
+                    await stream.push(b"\xffF%d\xff" % number)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     continue  # that connection died meanwhile
                 self.push_sent_at[number] = trio.current_time()
@@ -540,9 +548,9 @@ class Soak:
         self.figures.faults[kind] += 1
         try:
             if kind in MODES:
-                relay.mode = cast("Mode", kind)
+                relay.fault = MODES[kind]
             elif kind == "slow":
-                relay.echo_delay = 0.25
+                relay.latency = 0.25
             elif kind == "push_behind_reply":
                 relay.push_behind_reply = b"\xffB%d\xff" % index
             elif kind == "late_tickets":
@@ -557,40 +565,29 @@ class Soak:
                 await self.heal(relay)
             faulty.discard(index)
 
-    async def heal(self, relay: Relay) -> None:
+    async def heal(self, relay: LoopbackRelay) -> None:
         """Put a relay back to a healthy echo."""
-        if relay.mode == "deaf":
+        if relay.fault is Fault.STOP_READING:
             # Deaf connections sleep for ever and never notice their client left: reset
             # them, as restarting a wedged relay would (else the relay's side of every
             # connection the pool discarded stays open).
-            relay.reset_connections()
-        relay.mode = "echo"
-        relay.echo_delay = 0.0
+            relay.kill_connections()
+        relay.fault = Fault.NONE
+        relay.latency = 0.0
         relay.push_behind_reply = None
         relay.tickets_after = None
         relay.idle_close_after = math.inf
-        if relay._scope is not None and relay._scope.cancel_called:
-            # While it starts, its new listening socket is not bound yet (trio's bind
-            # yields first): a socket without ports, like a pool's socket that was reset.
-            self.restarting += 1
-            try:
-                for _ in range(100):  # back on the same port
-                    try:
-                        await self.relay_nursery.start(relay.serve)
-                        break
-                    except OSError:
-                        await trio.sleep(0.02)
-                else:
-                    raise RuntimeError(f"could not restart the relay on port {relay.port}")
-            finally:
-                self.restarting -= 1
 
     # -- sampling --------------------------------------------------------------------------
 
     def sample(self) -> Census:
         """A census of the process's sockets, checked against the books in the same step."""
         relay_fds = {
-            fd for relay in self.relays for t in relay._transports if (fd := t.socket.fileno()) >= 0
+            fd
+            for relay in self.relays
+            for wire in relay._wires
+            if isinstance(wire.transport, trio.SocketStream)
+            and (fd := wire.transport.socket.fileno()) >= 0
         }
         taken = census(self.ports, relay_fds, self.old_sockets)
         figures = self.figures
@@ -609,7 +606,7 @@ class Soak:
                     f"{sockets} connections to port {port}; the books count"
                     f" {relay._books.total}, and {pending} closing"
                 )
-        unconnected = taken.unconnected_client_side - self.restarting
+        unconnected = taken.unconnected_client_side
         if taken.client_total + unconnected > allowed_total:
             figures.violated(f"{taken}: more of the pool's sockets than {allowed_total}")
         if taken.other != self.baseline.other:
@@ -618,7 +615,6 @@ class Soak:
         # the relays have not closed yet of connections the pool left.
         leftovers = taken.orphans + taken.unconnected_relay_side
         bound = self.baseline.total + 2 * (RELAYS * MAX_CONNECTIONS + closing) + leftovers
-        bound += self.restarting
         if taken.total > bound:
             figures.violated(f"{taken.total} descriptors, bound {bound}: {taken}")
         figures.max_closing = max(figures.max_closing, closing)
@@ -761,7 +757,7 @@ async def assert_every_slot_free(pool: sc.SecureChannelPool) -> None:
     assert books(pool)["in_use"] == 0
 
 
-def check_books(pool: sc.SecureChannelPool, status: dict[str, Any]) -> None:
+def check_books(pool: sc.SecureChannelPool, status: sc.PoolStatus) -> None:
     """Quiet now: nothing in use, opening or waiting, and every figure adds up."""
     connections = status["connections"]
     assert connections["in_use"] == connections["opening"] == connections["waiting"] == 0
@@ -783,8 +779,9 @@ def check_books(pool: sc.SecureChannelPool, status: dict[str, Any]) -> None:
     assert status["errors_total"] == sum(e["errors_total"] for e in endpoints)
     for key in ("pool_exhausted_total", "bytes_sent_total", "bytes_received_total"):
         assert status[key] == sum(e[key] for e in endpoints), key
-    for key in ("opened_total", "rejected_total"):
-        assert status["breaker"][key] == sum(e["breaker"][key] for e in endpoints), key
+    breaker = status["breaker"]
+    assert breaker["opened_total"] == sum(e["breaker"]["opened_total"] for e in endpoints)
+    assert breaker["rejected_total"] == sum(e["breaker"]["rejected_total"] for e in endpoints)
 
 
 def top_growth(before: tracemalloc.Snapshot, after: tracemalloc.Snapshot) -> list[str]:
@@ -810,7 +807,7 @@ async def soak(
     old_sockets = sockets_now()
     before_relays = census(set(), old_sockets=old_sockets)
     async with trio.open_nursery() as relay_nursery:
-        relays: list[Relay] = [Relay(make_server_context()) for _ in range(RELAYS)]
+        relays: list[LoopbackRelay] = [new_relay() for _ in range(RELAYS)]
         for relay in relays:
             await relay_nursery.start(relay.serve)
         ports = {relay.port for relay in relays}
@@ -844,6 +841,7 @@ async def soak(
         after_pool = census(ports, old_sockets=old_sockets)
         for relay in relays:
             relay.stop()
+        relay_nursery.cancel_scope.cancel()
     after_relays = census(set(), old_sockets=old_sockets)
 
     by_file = end.memory.compare_to(warm.memory, "filename")

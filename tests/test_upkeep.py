@@ -17,14 +17,14 @@ import trio.testing
 import trio_securechannel as sc
 from trio_securechannel._relay import SPARE_WATCH_MIN as WATCH
 from trio_securechannel._upkeep import SPARE_CONCURRENCY
+from trio_securechannel.testing import Fault, LoopbackRelay
 
 from helpers import books, echo, relay_of
-from relay import MemoryRelay
 
 
-def memory_pool(relay: MemoryRelay, context: ssl.SSLContext, **options: Any) -> Any:
+def memory_pool(relay: LoopbackRelay, context: ssl.SSLContext, **options: Any) -> Any:
     return sc.open_pool(
-        "relay.test:443", ssl_context=context, open_transport=relay.open_transport, **options
+        "relay.test:443", ssl_context=context, open_transport=relay.open_memory_stream, **options
     )
 
 
@@ -50,7 +50,7 @@ async def _hold_until(pool: sc.SecureChannelPool, release: trio.Event) -> None:
 
 async def test_idle_channels_reaped_at_idle_timeout_keeping_min_idle(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
     options = {"idle_timeout": 30.0, "cleanup_interval": 5.0, "min_idle": 1}
@@ -73,7 +73,7 @@ async def test_idle_channels_reaped_at_idle_timeout_keeping_min_idle(
 
 async def test_channels_retired_at_max_lifetime(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
     options = {"max_lifetime": 12.0, "cleanup_interval": 5.0}
@@ -92,7 +92,7 @@ async def test_channels_retired_at_max_lifetime(
 
 async def test_spares_open_a_few_at_a_time_right_away(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
     memory_relay.connect_delay = 1.0
@@ -111,7 +111,7 @@ async def test_spares_open_a_few_at_a_time_right_away(
 
 async def test_lost_spares_are_replaced_at_once_not_at_the_next_tick(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
     memory_relay.connect_delay = 1.0
@@ -133,10 +133,10 @@ async def test_lost_spares_are_replaced_at_once_not_at_the_next_tick(
 
 async def test_failing_spares_back_off_exponentially_then_recover(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
-    memory_relay.mode = "refuse"
+    memory_relay.fault = Fault.REFUSE
     start = trio.current_time()
     options = {"min_idle": 1, "breaker_failure_threshold": 100}  # backoff alone, no breaker
     async with memory_pool(memory_relay, client_context, **options) as pool:
@@ -145,7 +145,7 @@ async def test_failing_spares_back_off_exponentially_then_recover(
         assert attempts == [0.0, 0.5, 1.5, 3.5, 7.5, 15.5]  # 0.5 s, doubling
         assert pool.status()["errors_by_kind"] == {"tcp": 6}
         assert not pool.healthy
-        memory_relay.mode = "echo"
+        memory_relay.fault = Fault.NONE
         await sleep_until_offset(start, 31.51 + WATCH)
         assert books(pool)["idle"] == 1  # the attempt at t=31.5 succeeded
         assert [t - start for t in memory_relay.connect_times][-1] == 31.5
@@ -154,7 +154,7 @@ async def test_failing_spares_back_off_exponentially_then_recover(
 
 async def test_acquire_and_connect_timeouts_are_exact(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
     options = {"max_connections": 1, "acquire_timeout": 2.5, "connect_timeout": 4.0}
@@ -165,7 +165,7 @@ async def test_acquire_and_connect_timeouts_are_exact(
                 async with pool.connection():
                     pass
             assert trio.current_time() - start == 2.5
-        memory_relay.mode = "silent"
+        memory_relay.fault = Fault.NO_TLS
         await check_out_together(pool, 0)
         await relay_of(pool).close_idle("test")  # so that the next checkout must connect
         start = trio.current_time()
@@ -225,17 +225,17 @@ async def test_a_bug_in_the_transport_comes_out_as_itself_and_spares_survive(
 
 async def test_a_relay_down_for_a_thousand_cooldowns_does_not_end_the_pool(
     autojump_clock: trio.testing.MockClock,
-    memory_relay: MemoryRelay,
+    memory_relay: LoopbackRelay,
     client_context: ssl.SSLContext,
 ) -> None:
     # Each failed spare trial doubles the backoff's exponent: past 1,024 of them, 2**n
     # no longer fits a float (it raised OverflowError, out of the pool's nursery).
-    memory_relay.mode = "refuse"
+    memory_relay.fault = Fault.REFUSE
     options = {"min_idle": 1, "breaker_failure_threshold": 1, "breaker_cooldown": 1.0}
     async with memory_pool(memory_relay, client_context, **options) as pool:
         await trio.sleep(1200.0)
         attempts = len(memory_relay.connect_times)
-        memory_relay.mode = "echo"
+        memory_relay.fault = Fault.NONE
         await trio.sleep(31.0)  # the next trial comes within the longest backoff
         assert pool.breaker_state is sc.BreakerState.CLOSED
     assert 1200.0 / 30.0 <= attempts <= 1200.0 / 0.5  # backed off, never given up

@@ -13,30 +13,42 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import trio
-from trio_websocket import ConnectionRejected
+from trio_websocket import ConnectionRejected, WebSocketConnection
 from wsproto import WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Message, TextMessage
 
 import trio_securechannel as sc
+from trio_securechannel.testing import Fault, LoopbackRelay
 
-from conftest import make_server_context
+from conftest import make_server_context, new_relay
 from helpers import books, relay_of, wait_until
-from relay import Relay
-from ws_relay import Proxy, ScriptedRelay, WebSocketRelay, accept, next_message
+from ws_relay import Proxy, ScriptedRelay, accept, next_message
 
 TLS = trio.SSLStream[trio.SocketStream]
 
 
+async def close_on_first_message(session: WebSocketConnection) -> None:
+    """A relay handler: an overloaded relay, closing each session on its first message."""
+    await session.get_message()
+    await session.aclose(1011, "overloaded")
+
+
+async def take_messages_answer_none(session: WebSocketConnection) -> None:
+    """A relay handler: upgraded, takes every message, answers none."""
+    while True:
+        await session.get_message()
+
+
 @pytest.fixture
-async def ws_relay(nursery: trio.Nursery) -> AsyncIterator[WebSocketRelay]:
-    relay = WebSocketRelay(make_server_context())
+async def ws_relay(nursery: trio.Nursery) -> AsyncIterator[LoopbackRelay]:
+    relay = new_relay(websocket=True, path="/ws")
     await nursery.start(relay.serve)
     yield relay
     relay.stop()
 
 
 @pytest.fixture
-async def proxy(nursery: trio.Nursery, ws_relay: WebSocketRelay) -> Proxy:
+async def proxy(nursery: trio.Nursery, ws_relay: LoopbackRelay) -> Proxy:
     """A TCP proxy in front of ``ws_relay``; its URL is `proxied_url`."""
     proxy = Proxy(ws_relay.port)
     await nursery.start(proxy.serve)
@@ -76,7 +88,7 @@ def reader_tasks() -> list[trio.lowlevel.Task]:
 
 
 async def test_messages_round_trip_on_one_reused_channel(
-    ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+    ws_relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     async with sc.open_pool(ws_relay.url, ssl_context=client_context) as pool:
         ids = set()
@@ -103,7 +115,7 @@ async def test_messages_round_trip_on_one_reused_channel(
 
 
 async def test_many_tasks_share_a_few_websocket_channels(
-    ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+    ws_relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     replies: list[bool] = []
 
@@ -124,7 +136,7 @@ async def test_many_tasks_share_a_few_websocket_channels(
 
 
 async def test_reader_tasks_run_in_the_pools_nursery_and_end_with_it(
-    ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+    ws_relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     async with sc.open_pool(ws_relay.url, ssl_context=client_context, min_idle=2) as pool:
         await wait_until(lambda: books(pool)["idle"] == 2)
@@ -137,7 +149,7 @@ async def test_reader_tasks_run_in_the_pools_nursery_and_end_with_it(
 
 
 async def test_a_discarded_channel_with_unread_messages_ends_its_reader_at_once(
-    ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+    ws_relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     async def fail_with_messages_unread() -> None:
         async with pool.websocket() as channel:
@@ -155,9 +167,9 @@ async def test_a_discarded_channel_with_unread_messages_ends_its_reader_at_once(
 
 
 async def test_a_refused_upgrade_is_a_connect_error_and_a_breaker_failure(
-    ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+    ws_relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
-    ws_relay.mode = "refuse"
+    ws_relay.fault = Fault.REJECT_UPGRADE
     async with sc.open_pool(
         ws_relay.url, ssl_context=client_context, max_connections=2, breaker_failure_threshold=2
     ) as pool:
@@ -179,7 +191,7 @@ async def test_a_refused_upgrade_is_a_connect_error_and_a_breaker_failure(
 
 
 async def test_a_relay_that_does_not_speak_websocket_fails_the_upgrade(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     # A raw TLS echo relay sends the upgrade request back: not an HTTP response.
     url = f"wss://127.0.0.1:{relay.port}/ws"
@@ -194,9 +206,9 @@ async def test_a_relay_that_does_not_speak_websocket_fails_the_upgrade(
 
 
 async def test_an_upgrade_never_answered_times_out_and_closes_the_connection(
-    ws_relay: WebSocketRelay, proxy: Proxy, client_context: ssl.SSLContext
+    ws_relay: LoopbackRelay, proxy: Proxy, client_context: ssl.SSLContext
 ) -> None:
-    ws_relay.mode = "hold"
+    ws_relay.fault = Fault.HANG_AFTER_HANDSHAKE
     async with sc.open_pool(
         proxied_url(proxy), ssl_context=client_context, connect_timeout=0.5
     ) as pool:
@@ -211,9 +223,9 @@ async def test_an_upgrade_never_answered_times_out_and_closes_the_connection(
 
 
 async def test_cancelled_during_the_upgrade_frees_the_slot(
-    ws_relay: WebSocketRelay, proxy: Proxy, client_context: ssl.SSLContext
+    ws_relay: LoopbackRelay, proxy: Proxy, client_context: ssl.SSLContext
 ) -> None:
-    ws_relay.mode = "hold"
+    ws_relay.fault = Fault.HANG_AFTER_HANDSHAKE
     async with sc.open_pool(proxied_url(proxy), ssl_context=client_context) as pool:
         with trio.move_on_after(0.3) as scope:
             async with pool.websocket():
@@ -222,13 +234,13 @@ async def test_cancelled_during_the_upgrade_frees_the_slot(
         assert ws_relay.upgrades == 1
         assert books(pool)["opening"] == books(pool)["in_use"] == 0
         await wait_until(lambda: proxy.open_connections == 0)
-        ws_relay.mode = "echo"
+        ws_relay.fault = Fault.NONE
         async with pool.websocket() as channel:
             assert await call(channel, "after") == "after"
 
 
 async def test_a_relay_closing_a_lent_channel_is_an_error_counted_once(
-    ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+    ws_relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     lent: list[sc.WebSocketChannel] = []
 
@@ -238,7 +250,7 @@ async def test_a_relay_closing_a_lent_channel_is_an_error_counted_once(
             await call(channel, "hello")
 
     async with sc.open_pool(ws_relay.url, ssl_context=client_context) as pool:
-        ws_relay.mode = "close_on_message"
+        ws_relay.handler = close_on_first_message
         with pytest.raises(trio.BrokenResourceError, match=r"1011 INTERNAL_ERROR: overloaded"):
             await ask()
         assert lent[0].errors == {"ws_close": 1}
@@ -246,16 +258,16 @@ async def test_a_relay_closing_a_lent_channel_is_an_error_counted_once(
         assert status["errors_by_kind"] == {"ws_close": 1}
         assert status["breaker"]["consecutive_failures"] == 1
         assert closed_by(pool) == {"error": 1}
-        ws_relay.mode = "echo"
+        ws_relay.handler = None  # echo again
         async with pool.websocket() as channel:
             assert await call(channel, "again") == "again"
         assert pool.status()["breaker"]["consecutive_failures"] == 0
 
 
 async def test_a_reset_under_a_lent_channel_is_an_io_error(
-    nursery: trio.Nursery, ws_relay: WebSocketRelay, proxy: Proxy, client_context: ssl.SSLContext
+    nursery: trio.Nursery, ws_relay: LoopbackRelay, proxy: Proxy, client_context: ssl.SSLContext
 ) -> None:
-    ws_relay.echo_delay = 10
+    ws_relay.latency = 10
 
     async def reset_soon() -> None:
         await trio.sleep(0.1)
@@ -275,7 +287,7 @@ async def test_a_reset_under_a_lent_channel_is_an_io_error(
 
 
 async def test_an_idle_channel_the_relay_closed_is_replaced_at_checkout(
-    ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+    ws_relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     async with sc.open_pool(ws_relay.url, ssl_context=client_context) as pool:
         async with pool.websocket() as first:
@@ -290,7 +302,7 @@ async def test_an_idle_channel_the_relay_closed_is_replaced_at_checkout(
 
 
 async def test_a_message_pushed_to_an_idle_channel_makes_it_stale(
-    ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+    ws_relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     async with sc.open_pool(ws_relay.url, ssl_context=client_context) as pool:
         async with pool.websocket() as first:
@@ -304,9 +316,9 @@ async def test_a_message_pushed_to_an_idle_channel_makes_it_stale(
 
 
 async def test_an_unanswered_message_keeps_the_channel_out_of_the_pool(
-    ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+    ws_relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
-    ws_relay.echo_delay = 0.2
+    ws_relay.latency = 0.2
     async with sc.open_pool(ws_relay.url, ssl_context=client_context) as pool:
         async with pool.websocket() as first:
             await first.send_message("reply comes late")
@@ -314,7 +326,7 @@ async def test_an_unanswered_message_keeps_the_channel_out_of_the_pool(
             with trio.move_on_after(0.05):  # gave up waiting: the reply is still coming
                 await call(second, "also late")
         assert second is not first
-        ws_relay.echo_delay = 0
+        ws_relay.latency = 0
         async with pool.websocket() as third:
             assert third not in (first, second)
             assert await call(third, "mine") == "mine"
@@ -322,7 +334,7 @@ async def test_an_unanswered_message_keeps_the_channel_out_of_the_pool(
 
 
 async def test_messages_must_be_str_or_bytes(
-    ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+    ws_relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     async with (
         sc.open_pool(ws_relay.url, ssl_context=client_context) as pool,
@@ -335,7 +347,7 @@ async def test_messages_must_be_str_or_bytes(
 
 
 async def test_keepalive_pings_find_a_black_holed_relay(
-    ws_relay: WebSocketRelay, proxy: Proxy, client_context: ssl.SSLContext
+    ws_relay: LoopbackRelay, proxy: Proxy, client_context: ssl.SSLContext
 ) -> None:
     async with sc.open_pool(
         proxied_url(proxy), ssl_context=client_context, connect_timeout=0.5, cleanup_interval=60
@@ -359,7 +371,7 @@ async def test_keepalive_pings_find_a_black_holed_relay(
 
 
 async def test_the_periodic_cleanup_pass_does_the_keepalive(
-    ws_relay: WebSocketRelay, proxy: Proxy, client_context: ssl.SSLContext
+    ws_relay: LoopbackRelay, proxy: Proxy, client_context: ssl.SSLContext
 ) -> None:
     async with sc.open_pool(
         proxied_url(proxy),
@@ -378,7 +390,7 @@ async def test_the_periodic_cleanup_pass_does_the_keepalive(
 
 
 async def test_a_channel_lent_while_its_ping_goes_unanswered_is_not_pooled_again(
-    ws_relay: WebSocketRelay, proxy: Proxy, client_context: ssl.SSLContext
+    ws_relay: LoopbackRelay, proxy: Proxy, client_context: ssl.SSLContext
 ) -> None:
     async with sc.open_pool(
         proxied_url(proxy),
@@ -399,7 +411,7 @@ async def test_a_channel_lent_while_its_ping_goes_unanswered_is_not_pooled_again
 
 
 async def test_shutdown_sends_close_frames_before_the_tls_close(
-    nursery: trio.Nursery, ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+    nursery: trio.Nursery, ws_relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     async def hold_through_the_shutdown(task_status: trio.TaskStatus[None]) -> None:
         async with pool.websocket() as lent:
@@ -422,7 +434,7 @@ async def test_shutdown_sends_close_frames_before_the_tls_close(
 
 
 async def test_the_shutdown_does_not_wait_for_a_black_holed_relay(
-    ws_relay: WebSocketRelay, proxy: Proxy, client_context: ssl.SSLContext
+    ws_relay: LoopbackRelay, proxy: Proxy, client_context: ssl.SSLContext
 ) -> None:
     async with sc.open_pool(
         proxied_url(proxy), ssl_context=client_context, min_idle=2, shutdown_timeout=3
@@ -437,7 +449,7 @@ async def test_the_shutdown_does_not_wait_for_a_black_holed_relay(
 
 
 async def test_a_mixed_pool_routes_each_checkout_to_its_kind(
-    relay: Relay, ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, ws_relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     async with sc.open_pool(
         [f"tls://127.0.0.1:{relay.port}", ws_relay.url], ssl_context=client_context
@@ -457,7 +469,7 @@ async def test_a_mixed_pool_routes_each_checkout_to_its_kind(
 
 
 async def test_asking_a_pool_for_a_kind_it_lacks_is_a_type_error(
-    relay: Relay, ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, ws_relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     async with sc.open_pool(ws_relay.url, ssl_context=client_context) as pool:
         with pytest.raises(TypeError, match=r"only WebSocket .* pool\.websocket\(\)"):
@@ -468,11 +480,11 @@ async def test_asking_a_pool_for_a_kind_it_lacks_is_a_type_error(
 
 
 async def test_websocket_checkouts_fail_over_to_a_relay_that_accepts(
-    nursery: trio.Nursery, ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+    nursery: trio.Nursery, ws_relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
-    refusing = WebSocketRelay(make_server_context())
+    refusing = new_relay(websocket=True, path="/ws")
     await nursery.start(refusing.serve)
-    refusing.mode = "refuse"
+    refusing.fault = Fault.REJECT_UPGRADE
     async with sc.open_pool(
         [refusing.url, ws_relay.url], ssl_context=client_context, breaker_failure_threshold=2
     ) as pool:
@@ -487,9 +499,9 @@ async def test_websocket_checkouts_fail_over_to_a_relay_that_accepts(
 
 
 async def test_an_empty_message_awaits_its_reply_too(
-    ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+    ws_relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
-    ws_relay.echo_delay = 0.1
+    ws_relay.latency = 0.1
     async with sc.open_pool(ws_relay.url, ssl_context=client_context) as pool:
         async with pool.websocket() as first:
             await first.send_message("")  # a real frame, whose (empty) reply is coming
@@ -501,7 +513,7 @@ async def test_an_empty_message_awaits_its_reply_too(
 
 
 async def test_a_message_the_reader_has_not_read_yet_makes_the_channel_stale(
-    ws_relay: WebSocketRelay, proxy: Proxy, client_context: ssl.SSLContext
+    ws_relay: LoopbackRelay, proxy: Proxy, client_context: ssl.SSLContext
 ) -> None:
     async with sc.open_pool(proxied_url(proxy), ssl_context=client_context) as pool:
         async with pool.websocket() as first:
@@ -521,11 +533,11 @@ async def test_a_message_the_reader_has_not_read_yet_makes_the_channel_stale(
 
 
 async def test_a_relay_that_accepts_and_then_closes_every_session_opens_its_breaker(
-    nursery: trio.Nursery, ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+    nursery: trio.Nursery, ws_relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
-    closing = WebSocketRelay(make_server_context())
+    closing = new_relay(websocket=True, path="/ws")
     await nursery.start(closing.serve)
-    closing.mode = "close_on_message"
+    closing.handler = close_on_first_message
     # Alone, it opens its breaker after exactly the threshold: the upgrades succeeded,
     # but an upgrade is not a success the breaker counts.
     async with sc.open_pool(
@@ -563,7 +575,7 @@ async def call_once(pool: sc.SecureChannelPool) -> None:
 
 
 async def test_a_relay_that_closes_right_after_the_upgrade_is_a_connect_failure(
-    nursery: trio.Nursery, ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+    nursery: trio.Nursery, ws_relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     async def accept_and_close(stream: TLS, ws: WSConnection) -> None:
         await stream.send_all(ws.send(AcceptConnection()) + ws.send(CloseConnection(1013)))
@@ -610,7 +622,7 @@ async def test_a_relay_pinging_inside_its_close_handshake_does_not_stall_the_clo
 
 async def test_a_keepalive_on_a_connection_that_dies_returns_at_once(
     nursery: trio.Nursery,
-    ws_relay: WebSocketRelay,
+    ws_relay: LoopbackRelay,
     proxy: Proxy,
     client_context: ssl.SSLContext,
 ) -> None:
@@ -635,7 +647,7 @@ async def test_a_keepalive_on_a_connection_that_dies_returns_at_once(
 
 
 async def test_a_websocket_retired_at_give_back_frees_its_slot_at_once(
-    ws_relay: WebSocketRelay, proxy: Proxy, client_context: ssl.SSLContext
+    ws_relay: LoopbackRelay, proxy: Proxy, client_context: ssl.SSLContext
 ) -> None:
     async with sc.open_pool(
         proxied_url(proxy), ssl_context=client_context, max_connections=1
@@ -654,7 +666,7 @@ async def test_a_websocket_retired_at_give_back_frees_its_slot_at_once(
 
 
 async def test_the_exit_waits_for_lent_channels_and_nothing_else(
-    nursery: trio.Nursery, ws_relay: WebSocketRelay, proxy: Proxy, client_context: ssl.SSLContext
+    nursery: trio.Nursery, ws_relay: LoopbackRelay, proxy: Proxy, client_context: ssl.SSLContext
 ) -> None:
     async def give_back_late(task_status: trio.TaskStatus[None]) -> None:
         async with pool.websocket() as lent:
@@ -675,7 +687,7 @@ async def test_the_exit_waits_for_lent_channels_and_nothing_else(
 
 
 async def test_upgrade_headers_and_subprotocols_reach_the_relay(
-    ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+    ws_relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     ws_relay.subprotocol = "v2.relay"
     async with sc.open_pool(
@@ -693,7 +705,7 @@ async def test_upgrade_headers_and_subprotocols_reach_the_relay(
 
 
 async def test_a_message_over_the_size_limit_closes_the_websocket(
-    ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+    ws_relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     big = "x" * 5000
     async with sc.open_pool(
@@ -717,7 +729,7 @@ async def call_big(pool: sc.SecureChannelPool, message: str) -> None:
 
 
 async def test_a_keepalive_meeting_a_channel_closed_meanwhile_lets_it_go(
-    ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+    ws_relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     # The pass lists the idle channels; a checkout may close one (found unfit) before its
     # ping starts. That must not end the pool.
@@ -810,14 +822,14 @@ def test_frame_watch_finds_every_boundary(frames: list[bytes]) -> None:
 
 
 async def test_a_lease_abandoned_before_its_reply_is_no_success_for_the_breaker(
-    ws_relay: WebSocketRelay, proxy: Proxy, client_context: ssl.SSLContext
+    ws_relay: LoopbackRelay, proxy: Proxy, client_context: ssl.SSLContext
 ) -> None:
     async def reset_soon() -> None:
         await trio.sleep(0.1)
         proxy.reset_connections()
 
     async with sc.open_pool(proxied_url(proxy), ssl_context=client_context) as pool:
-        ws_relay.echo_delay = 10
+        ws_relay.latency = 10
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reset_soon)
             with pytest.raises(trio.BrokenResourceError):
@@ -826,7 +838,7 @@ async def test_a_lease_abandoned_before_its_reply_is_no_success_for_the_breaker(
         with pytest.raises(trio.TooSlowError):
             await ask_with_a_deadline(pool)
         assert pool.status()["breaker"]["consecutive_failures"] == 1  # not vouched for
-        ws_relay.echo_delay = 0
+        ws_relay.latency = 0
         await call_once(pool)
         assert pool.status()["breaker"]["consecutive_failures"] == 0
 
@@ -839,9 +851,9 @@ async def ask_with_a_deadline(pool: sc.SecureChannelPool) -> None:
 
 
 async def test_a_connect_cut_short_by_the_pools_exit_is_pool_closed(
-    nursery: trio.Nursery, ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+    nursery: trio.Nursery, ws_relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
-    ws_relay.mode = "hold"  # upgrades never answered
+    ws_relay.fault = Fault.HANG_AFTER_HANDSHAKE  # upgrades never answered
     outcome: list[BaseException] = []
 
     async def check_out(task_status: trio.TaskStatus[None]) -> None:
@@ -864,11 +876,11 @@ async def test_a_connect_cut_short_by_the_pools_exit_is_pool_closed(
 
 
 async def test_a_websocket_block_cancelled_mid_wait_discards_its_channel(
-    ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+    ws_relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     # FAULTS row 11 for messages: the cancellation comes out bare, the channel is not
     # reused, and the reply that comes later reaches nobody.
-    ws_relay.echo_delay = 0.2
+    ws_relay.latency = 0.2
     async with sc.open_pool(ws_relay.url, ssl_context=client_context) as pool:
         with trio.move_on_after(0.05) as scope:
             async with pool.websocket() as first:
@@ -878,7 +890,7 @@ async def test_a_websocket_block_cancelled_mid_wait_discards_its_channel(
         assert first.closed
         assert closed_by(pool) == {"aborted": 1}
         assert pool.status()["errors_total"] == 0
-        ws_relay.echo_delay = 0
+        ws_relay.latency = 0
         async with pool.websocket() as second:
             assert second is not first
             assert await call(second, "mine") == "mine"
@@ -926,7 +938,7 @@ async def test_a_relay_gone_before_answering_the_upgrade_fails_it_at_once(
 
 
 async def test_a_garbled_upgrade_answer_does_not_quote_the_request(
-    relay: Relay, client_context: ssl.SSLContext
+    relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
     # The raw TLS echo relay sends the request (and its credentials) back.
     async with sc.open_pool(
@@ -1015,7 +1027,7 @@ class Sabotaged(trio.abc.Stream):
 
 
 async def test_a_reader_that_crashes_ends_its_channel_not_the_pool(
-    ws_relay: WebSocketRelay, client_context: ssl.SSLContext, caplog: pytest.LogCaptureFixture
+    ws_relay: LoopbackRelay, client_context: ssl.SSLContext, caplog: pytest.LogCaptureFixture
 ) -> None:
     streams: list[Sabotaged] = []
 
@@ -1041,9 +1053,9 @@ async def test_a_reader_that_crashes_ends_its_channel_not_the_pool(
 
 
 async def test_a_websocket_relay_that_never_answers_times_out_and_is_held_responsible(
-    ws_relay: WebSocketRelay, client_context: ssl.SSLContext
+    ws_relay: LoopbackRelay, client_context: ssl.SSLContext
 ) -> None:
-    ws_relay.mode = "ignore"
+    ws_relay.handler = take_messages_answer_none
     async with sc.open_pool(ws_relay.url, ssl_context=client_context) as pool:
         began = trio.current_time()
         with pytest.raises(sc.RequestTimeout) as info:

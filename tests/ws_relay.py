@@ -1,10 +1,9 @@
-"""Real WebSocket relays for the tests, over TLS on 127.0.0.1, and a TCP proxy.
+"""What the testing kit's `LoopbackRelay` does not do: a ``wss://`` relay scripted frame by
+frame, and a TCP proxy.
 
-`WebSocketRelay` is trio-websocket's `serve_websocket`: it echoes messages, and can be told
-to refuse upgrades, never answer them, or close a session on its first message; it records
-the close code each session ended with. `ScriptedRelay` speaks wsproto directly, for what
-trio-websocket would not do (fragments sent apart, a ping inside its close handshake).
-`Proxy` can black-hole, hold back or reset what passes through it.
+`ScriptedRelay` speaks wsproto directly, for what trio-websocket would not do (fragments
+sent apart, a ping inside its close handshake). `Proxy` can black-hole, hold back or reset
+what passes through it.
 """
 
 from __future__ import annotations
@@ -15,96 +14,11 @@ import ssl
 import struct
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any
 
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    WebSocketConnection,
-    WebSocketRequest,
-    serve_websocket,
-)
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Message, Request
-
-WSMode = Literal["echo", "refuse", "hold", "close_on_message", "ignore"]
-
-
-class WebSocketRelay:
-    """Started with ``nursery.start(relay.serve)``; ``url`` is what a pool is given."""
-
-    def __init__(self, server_context: ssl.SSLContext, path: str = "/ws") -> None:
-        self.server_context = server_context
-        self.path = path
-        self.mode: WSMode = "echo"
-        self.echo_delay = 0.0
-        self.port = 0
-        self.upgrades = 0  # upgrade requests seen
-        self.request_headers: dict[str, str] = {}  # the last upgrade request's
-        self.offered_subprotocols: tuple[str, ...] = ()
-        self.subprotocol: str | None = None  # chosen when offered
-        self.sessions: set[WebSocketConnection] = set()
-        self.max_sessions = 0
-        # How each session ended, as the relay saw it: the client's close code, or 1006
-        # when the connection went without a close frame.
-        self.close_codes: Counter[int] = Counter()
-        self._scope: trio.CancelScope | None = None
-
-    @property
-    def url(self) -> str:
-        return f"wss://127.0.0.1:{self.port}{self.path}"
-
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with trio.CancelScope() as self._scope:
-            async with trio.open_nursery() as nursery:
-                server = await nursery.start(
-                    serve_websocket, self._handle, "127.0.0.1", 0, self.server_context
-                )
-                self.port = server.port
-                task_status.started()
-
-    def stop(self) -> None:
-        if self._scope is not None:
-            self._scope.cancel()
-
-    async def _handle(self, request: WebSocketRequest) -> None:
-        self.upgrades += 1
-        self.request_headers = {k.decode().lower(): v.decode() for k, v in request.headers}
-        self.offered_subprotocols = request.proposed_subprotocols
-        if self.mode == "refuse":
-            await request.reject(403, body=b"not today")
-            return
-        if self.mode == "hold":
-            await trio.sleep_forever()  # until the relay stops (the proxy sees the client go)
-        chosen = self.subprotocol if self.subprotocol in self.offered_subprotocols else None
-        session = await request.accept(subprotocol=chosen)
-        self.sessions.add(session)
-        self.max_sessions = max(self.max_sessions, len(self.sessions))
-        try:
-            while True:
-                message = await session.get_message()
-                if self.mode == "close_on_message":
-                    await session.aclose(1011, "overloaded")
-                    return
-                if self.mode == "ignore":
-                    continue  # upgraded, takes every message, answers none
-                if self.echo_delay:
-                    await trio.sleep(self.echo_delay)
-                await session.send_message(message)
-        except ConnectionClosed as exc:
-            self.close_codes[exc.reason.code if exc.reason else 1006] += 1
-        finally:
-            self.sessions.discard(session)
-
-    async def push(self, message: str) -> None:
-        """Send ``message`` unasked on every open session, as a feed would."""
-        for session in list(self.sessions):
-            await session.send_message(message)
-
-    async def close_sessions(self, code: int = 1001) -> None:
-        """Close every open session from the relay's side, as a restarting relay would."""
-        for session in list(self.sessions):
-            await session.aclose(code, "restarting")
 
 
 class Proxy:

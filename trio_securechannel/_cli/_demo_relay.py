@@ -1,17 +1,16 @@
-"""The demo's relay: a TLS echo server on 127.0.0.1 (raw, or WebSocket over the same TLS)
-that can be told to misbehave."""
+"""The demo's relay: the testing kit's `LoopbackRelay` (raw TLS, or WebSocket over the same
+TLS), echoing, and misbehaving as the demo's ``--fault`` says."""
 
 from __future__ import annotations
 
 import random
-import socket
-import ssl
-import struct
 from typing import Any, Literal
 
 import trio
 import trustme
-from trio_websocket import ConnectionClosed, wrap_server_stream
+from trio_websocket import WebSocketConnection
+
+from ..testing import LoopbackRelay, RelayStream
 
 Fault = Literal["none", "flaky", "down", "slow"]
 
@@ -28,96 +27,58 @@ class DemoRelay:
 
     def __init__(self, fault: Fault, *, websocket: bool = False) -> None:
         self.fault = fault
-        self.websocket = websocket  # echo WebSocket messages rather than bytes
-        self.ca = trustme.CA(organization_name="trio-securechannel demo (throwaway)")
-        self.server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.ca.issue_cert("127.0.0.1").configure_cert(self.server_context)
-        self.port = 0
-        self.down = False
-        self._live: set[trio.SocketStream] = set()
-        self._accepted = 0
+        ca = trustme.CA(organization_name="trio-securechannel demo (throwaway)")
+        handler: Any = self._echo_messages if websocket else self._echo
+        self.relay = LoopbackRelay(handler, websocket=websocket, ca=ca)
+        self._connections = 0
         self._random = random.Random(2026)
 
-    def client_context(self) -> ssl.SSLContext:
+    @property
+    def port(self) -> int:
+        return self.relay.port
+
+    def client_context(self) -> Any:
         """A client context trusting only this relay's throwaway CA."""
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        self.ca.configure_trust(context)
-        return context
+        return self.relay.client_context()
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.relay.serve)
             if self.fault == "down":
                 nursery.start_soon(self._go_down_now_and_then)
-            await nursery.start(trio.serve_listeners, self._handle, listeners)
-            task_status.started(self.port)
+            task_status.started(self.relay.port)
 
     async def _go_down_now_and_then(self) -> None:
         while True:
             await trio.sleep(UP_FOR)
-            self.down = True
-            self._reset_everything()
+            self.relay.stop()  # connects refused, every connection reset
             await trio.sleep(DOWN_FOR)
-            self.down = False
+            self.relay.restart()
 
-    def _reset_everything(self) -> None:
-        for transport in list(self._live):
-            _reset(transport)
+    def _slow_connection(self) -> bool:
+        self._connections += 1
+        return self.fault == "slow" and self._connections % 3 == 0
 
-    async def _handle(self, transport: trio.SocketStream) -> None:
-        self._accepted += 1
-        if self.down:
-            _reset(transport)  # as if nothing were listening behind the balancer
-            return
-        slow = self.fault == "slow" and self._accepted % 3 == 0
-        stream = trio.SSLStream(transport, self.server_context, server_side=True)
-        self._live.add(transport)
-        try:
-            await stream.do_handshake()
-            if self.websocket:
-                await self._echo_messages(stream, transport, slow)
+    async def _echo(self, stream: RelayStream) -> None:
+        slow = self._slow_connection()
+        while data := await stream.receive_some():
+            if self._flaky_now():
+                stream.reset()
                 return
-            while data := await stream.receive_some():
-                if self._flaky_now():
-                    _reset(transport)
-                    return
-                if slow:
-                    await trio.sleep(SLOW_DELAY)
-                await stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client left, or we reset it on purpose
-        finally:
-            self._live.discard(transport)
-            await trio.aclose_forcefully(stream)
+            if slow:
+                await trio.sleep(SLOW_DELAY)
+            await stream.send_all(data)
 
-    async def _echo_messages(
-        self, stream: trio.SSLStream[Any], transport: trio.SocketStream, slow: bool
-    ) -> None:
-        async with trio.open_nursery() as nursery:  # for the session's reader task
-            session = await (await wrap_server_stream(nursery, stream)).accept()
-            try:
-                while True:
-                    message = await session.get_message()
-                    if self._flaky_now():
-                        _reset(transport)
-                        return
-                    if slow:
-                        await trio.sleep(SLOW_DELAY)
-                    await session.send_message(message)
-            except ConnectionClosed:
-                pass  # the client closed (or went): inside the nursery, so caught here
-            finally:
-                nursery.cancel_scope.cancel()
+    async def _echo_messages(self, session: WebSocketConnection) -> None:
+        slow = self._slow_connection()
+        while True:
+            message = await session.get_message()
+            if self._flaky_now():
+                self.relay.reset(session)
+                return
+            if slow:
+                await trio.sleep(SLOW_DELAY)
+            await session.send_message(message)
 
     def _flaky_now(self) -> bool:
         return self.fault == "flaky" and self._random.random() < FLAKY_RATE
-
-
-def _reset(transport: Any) -> None:
-    """Close with a TCP RST (SO_LINGER 0), as a crashing server's kernel would."""
-    sock = transport.socket
-    if sock.fileno() != -1:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.close()
