@@ -15,9 +15,15 @@ extensions = [
 # No intersphinx: CI reaches only the package registries, not trio's docs site.
 default_role = "py:obj"
 autodoc_member_order = "bysource"
-autodoc_typehints = "description"
+# Types in the signatures: a "Parameters" list drawn from annotations would also list the
+# constructor parameters of classes the library makes for you (their types are internal);
+# reference.rst shows those classes without a signature (``.. autoclass:: Channel()``).
+autodoc_typehints = "signature"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
+# A typed dict's keys (the shape of status(), the options of open_pool), listed like
+# parameters: "name (type) - meaning".
+napoleon_custom_sections = [("Keys", "params_style")]
 exclude_patterns = ["_build"]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 suppress_warnings = ["myst.header"]  # a results page may skip heading levels

@@ -3,6 +3,8 @@
 Only the names below are public; the modules behind them are private.
 """
 
+import logging as _logging
+
 from ._breaker import BreakerEvent as BreakerEvent
 from ._breaker import BreakerState as BreakerState
 from ._channel import Channel as Channel
@@ -22,10 +24,22 @@ from ._events import EventStream as EventStream
 from ._pinning import public_key_pin as public_key_pin
 from ._pool import SecureChannelPool as SecureChannelPool
 from ._pool import open_pool as open_pool
+from ._status import BreakerStatus as BreakerStatus
+from ._status import ChannelStatus as ChannelStatus
+from ._status import ConnectionsStatus as ConnectionsStatus
+from ._status import EndpointStatus as EndpointStatus
+from ._status import LatencyStatus as LatencyStatus
+from ._status import LatencySummary as LatencySummary
+from ._status import PoolStatus as PoolStatus
 from ._tls import load_root_store as load_root_store
 from ._websocket import WebSocketChannel as WebSocketChannel
 
 __version__ = "0.1.0.dev0"
+
+# A library never prints unasked: without a handler of its own, Python's last resort would
+# write our warnings to the stderr of an application that configured no logging. The
+# application's own configuration still gets every record (docs/logging.rst).
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 # Show the public names as belonging to this package, in reprs, tracebacks and docs.
 for _name in list(globals()):

@@ -24,19 +24,26 @@ from trio.lowlevel import enable_ki_protection
 
 from ._errors import CircuitOpen
 
-logger = logging.getLogger("trio_securechannel")
+# Transitions: opening at WARNING, half-opening and closing at INFO (docs/logging.rst).
+logger = logging.getLogger("trio_securechannel.breaker")
 
 
 class BreakerState(enum.Enum):
-    """Where a relay's breaker stands."""
+    """Where a relay's breaker stands. Its ``value`` is what `status()
+    <SecureChannelPool.status>`, ``/events`` and `BreakerEvent.as_dict` show.
 
-    #: Traffic flows; consecutive failures are being counted.
+    Attributes:
+        CLOSED: ``"closed"``. Traffic flows; consecutive failures are being counted, and
+            ``breaker_failure_threshold`` of them open the breaker.
+        OPEN: ``"open"``. Every checkout fails at once with `CircuitOpen`, touching no
+            socket, until ``breaker_cooldown`` has passed.
+        HALF_OPEN: ``"half_open"``. The cooldown is over: ``breaker_half_open_trials``
+            trial checkouts go through, and everyone else still gets `CircuitOpen` until a
+            trial decides: its first reply closes the breaker, its failure reopens it.
+    """
+
     CLOSED = "closed"
-    #: Every checkout fails at once with `CircuitOpen`, touching no socket, until the
-    #: cooldown ends.
     OPEN = "open"
-    #: The cooldown is over: a few trial checkouts go through; everyone else still gets
-    #: `CircuitOpen` until a trial decides.
     HALF_OPEN = "half_open"
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import abc
 import itertools
+import logging
 import math
 import select
+import ssl
 import statistics
 import warnings
 from collections import Counter, deque
@@ -36,6 +38,18 @@ T = TypeVar("T")
 NO_DEADLINE = math.inf
 
 _channel_ids = itertools.count(1)
+
+logger = logging.getLogger("trio_securechannel")
+
+#: The reasons `Channel.retire_when_returned` counts as given (``closed_by_reason``, the
+#: ``reason`` label, ``/events``): the pool's own close reasons except ``"error"`` (which
+#: would claim an error nobody counted, and mark the stream broken). Any other is counted as
+#: `USER_REASON`, its text logged, so reasons made up per call never grow the label values.
+RETIRE_REASONS = frozenset(
+    {"user", "subscribed", "slow", "stale", "idle", "lifetime", "unanswered", "unread data",
+     "unexpected data", "eof", "closed", "aborted", "cancelled", "shutdown"}
+)  # fmt: skip
+USER_REASON = "user"
 
 #: How many of a channel's latest round trips `SecureChannel.recent_round_trip` looks at.
 RECENT_ROUND_TRIPS = 8
@@ -166,7 +180,17 @@ class Channel(abc.ABC):
         return self.spent is None
 
     def retire_when_returned(self, reason: str) -> None:
-        """Let the current user finish, but never lend this channel again."""
+        """Let the current user finish, but never lend this channel again.
+
+        Its close is counted under ``reason`` if that is one of the pool's own reasons
+        (``"subscribed"``, ``"slow"``, ...), else under ``"user"``: the count's labels stay
+        few, whatever the reasons. The text of such a reason is logged (DEBUG, logger
+        ``trio_securechannel``).
+        """
+        if reason not in RETIRE_REASONS:
+            if self.spent is None:
+                logger.debug("%r to be retired when returned: %s", self, reason)
+            reason = USER_REASON
         self._spend(reason)
 
     def report_to(
@@ -432,6 +456,23 @@ class SecureChannel(Channel, trio.abc.Stream):
             return trio.BrokenResourceError(f"{self.endpoint} closed the connection mid-line")
         return trio.BrokenResourceError(f"{self.endpoint} closed the connection")
 
+    def _broken(self, cause: BaseException | None) -> trio.BrokenResourceError:
+        """What broke, for trio's TLS stream's own error, which says nothing: it is raised
+        bare after a TLS error (its cause) and on every call after any failure."""
+        if cause is None:
+            return trio.BrokenResourceError(f"this channel to {self.endpoint} failed before")
+        if isinstance(cause, ssl.SSLEOFError):
+            return trio.BrokenResourceError(
+                f"{self.endpoint} closed the connection without ending TLS (no close_notify):"
+                " what it sent last may be cut short"
+            )
+        if isinstance(cause, ssl.SSLError) and cause.reason:
+            what = cause.reason.lower().replace("_", " ")
+            return trio.BrokenResourceError(f"TLS error on the channel to {self.endpoint}: {what}")
+        return trio.BrokenResourceError(
+            f"the channel to {self.endpoint} broke: {type(cause).__name__}: {cause}"
+        )
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt and send all of ``data``. See `trio.abc.SendStream.send_all`."""
         if self._closed:
@@ -444,9 +485,11 @@ class SecureChannel(Channel, trio.abc.Stream):
                 await self._by_deadline(self._stream.send_all(data))
         except trio.BusyResourceError:
             raise  # the other sender's business; this stream is untouched
-        except trio.BrokenResourceError:
+        except trio.BrokenResourceError as exc:
             self._fail("io")
-            raise
+            if str(exc):
+                raise
+            raise self._broken(exc.__cause__) from exc.__cause__
         except BaseException:
             # Cancelled or closed mid-write: a partial TLS record may be on the wire.
             self._spend("cancelled")
@@ -462,9 +505,11 @@ class SecureChannel(Channel, trio.abc.Stream):
                 await self._stream.wait_send_all_might_not_block()
             else:
                 await self._by_deadline(self._stream.wait_send_all_might_not_block())
-        except trio.BrokenResourceError:
+        except trio.BrokenResourceError as exc:
             self._fail("io")
-            raise
+            if str(exc):
+                raise
+            raise self._broken(exc.__cause__) from exc.__cause__
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         """Receive and decrypt some data; ``b""`` at end-of-file.
@@ -499,9 +544,11 @@ class SecureChannel(Channel, trio.abc.Stream):
                 data = await self._by_deadline(self._stream.receive_some(max_bytes))
         except trio.BusyResourceError:
             raise
-        except trio.BrokenResourceError:
+        except trio.BrokenResourceError as exc:
             self._fail("io")
-            raise
+            if str(exc):
+                raise
+            raise self._broken(exc.__cause__) from exc.__cause__
         except BaseException:
             self._spend("cancelled")  # the reply may be half read
             raise

@@ -78,25 +78,27 @@ class PoolConfig:
             (None: no limit).
         cleanup_interval: Seconds between cleanup passes (stale, idle and old channels).
         shutdown_timeout: Seconds the pool's exit may spend closing channels gracefully.
-        setup: ``await setup(channel)`` runs on each new channel after its handshake,
-            before it is lent or pooled as a spare, within its own ``connect_timeout``:
-            the first exchange a relay's protocol requires (Electrum's ``server.version``).
-            Any exception it raises, or running out of time, is a failure to connect
-            (`ConnectError` with phase ``"setup"``, counted for the breaker); it must leave
-            the channel at a message boundary (every reply read). A ``setup`` that is not
-            async raises `TypeError`, held against nobody.
+        setup (Callable[[Channel], Awaitable[None]] | None): ``await setup(channel)`` runs
+            on each new channel after its handshake, before it is lent or pooled as a spare,
+            within its own ``connect_timeout``: the first exchange a relay's protocol
+            requires (Electrum's ``server.version``). Any exception it raises, or running
+            out of time, is a failure to connect (`ConnectError` with phase ``"setup"``,
+            counted for the breaker); it must leave the channel at a message boundary (every
+            reply read). A ``setup`` that is not async raises `TypeError`, held against
+            nobody.
         max_line_length: The longest line `SecureChannel.receive_line` accepts from a
             relay, in bytes; a longer one raises `ProtocolError` and discards the channel
             (an error of kind ``"too_big"``, but no failure for the breaker: the limit is
             ours). Electrum servers may send up to 8,100,000 bytes: raise it for large
             replies.
-        pins: Trust these relays by their public key instead of a CA: ``{"host:port":
-            "sha256/<base64>"}`` (a list for several keys), the SHA-256 of the
-            certificate's SubjectPublicKeyInfo, as HPKP and Electrum clients pin
-            self-signed relays (`public_key_pin` computes it). Checked on every
+        pins (Mapping[str, str | Sequence[str]]): Trust these relays by their public key
+            instead of a CA: ``{"host:port": "sha256/<base64>"}`` (a list for several keys),
+            the SHA-256 of the certificate's SubjectPublicKeyInfo, as HPKP and Electrum
+            clients pin self-signed relays (`public_key_pin` computes it). Checked on every
             handshake; a relay that shows another key fails (`ConnectError`, phase
             ``"pin"``). Relays not named are verified as usual.
-        open_transport: ``await open_transport(host, port)`` returns the stream TLS runs
+        open_transport (Callable[[str, int], Awaitable[trio.abc.Stream]] | None):
+            ``await open_transport(host, port)`` returns the stream TLS runs
             over; None is `trio.open_tcp_stream`. Use it to go through a proxy.
         breaker_failure_threshold: Consecutive failures (failed connects or handshakes,
             I/O errors on lent channels) that open the circuit breaker.
@@ -114,9 +116,9 @@ class PoolConfig:
         metrics_max_connections: Connections the metrics server holds open at once
             (``/events`` listeners included); when full, the oldest idle one is closed to
             make room, or the new one refused if none is idle. Bounds its file descriptors.
-        websocket_headers: Extra headers for the upgrade of ``wss://`` channels (a
-            mapping or ``(name, value)`` pairs), e.g. ``{"Authorization": "Bearer ..."}``;
-            kept as pairs, and out of reprs and logs.
+        websocket_headers (Mapping[str, str] | Sequence[tuple[str, str]]): Extra headers for
+            the upgrade of ``wss://`` channels (a mapping or ``(name, value)`` pairs), e.g.
+            ``{"Authorization": "Bearer ..."}``; kept as pairs, and out of reprs and logs.
         websocket_subprotocols: Subprotocols the upgrade offers, in order of preference
             (`WebSocketChannel.subprotocol` says which the relay chose).
         websocket_max_message_size: Largest message accepted from a relay, in bytes (or
@@ -261,7 +263,54 @@ class PoolConfig:
 
 
 class PoolOptions(TypedDict, total=False):
-    """The keyword options of `open_pool`, one per `PoolConfig` field."""
+    """The keyword options of `open_pool` (and `PoolConfig.replace`), one per `PoolConfig`
+    field, each optional: ``open_pool(target, max_connections=50, min_idle=5)``. An option
+    given overrides the ``config`` passed, else the default. Each is described in full
+    under `PoolConfig`.
+
+    Keys:
+        ssl_context (ssl.SSLContext | None): Client context for the handshakes (default
+            None: `load_root_store()`, the system roots).
+        namespace (str): Prefix of the metric names (``"securechannel"``).
+        max_connections (int): Channels open at once, per relay, at most (10).
+        min_idle (int): Channels kept open and ready (0).
+        connect_timeout (float): Seconds for TCP connect, TLS handshake and WebSocket
+            upgrade (10).
+        acquire_timeout (float): Seconds a checkout waits when every channel is in use
+            (0: `PoolExhausted` at once).
+        request_timeout (float | None): Seconds a lent channel's relay has to answer
+            (None: no limit).
+        idle_timeout (float): Seconds before idle channels beyond ``min_idle`` close (300).
+        max_lifetime (float | None): Seconds after which a channel is closed (None: never).
+        cleanup_interval (float): Seconds between cleanup passes (5).
+        shutdown_timeout (float): Seconds the pool's exit may spend closing gracefully (5).
+        setup (Callable[[Channel], Awaitable[None]] | None): ``await setup(channel)`` on
+            each new channel (None).
+        max_line_length (int): The longest line `SecureChannel.receive_line` accepts, in
+            bytes (1 MiB).
+        pins (Mapping[str, str | Sequence[str]]): Public-key pins per relay,
+            ``{"host:port": "sha256/..."}``.
+        open_transport (Callable[[str, int], Awaitable[trio.abc.Stream]] | None):
+            ``await open_transport(host, port)`` opens the stream under TLS (None:
+            `trio.open_tcp_stream`).
+        breaker_failure_threshold (int): Consecutive failures that open a relay's breaker
+            (5).
+        breaker_cooldown (float): Seconds an open breaker waits before trials (60).
+        breaker_half_open_trials (int): Trial checkouts after the cooldown (1).
+        histogram_rotation_interval (float): Seconds each latency window covers (60).
+        max_latency_ms (float | None): Retire channels whose median round trip is slower
+            (None: never).
+        metrics_port (int | None): Serve ``/metrics``, ``/status``, ``/healthz`` and
+            ``/events`` on this port (None: no server; 0: any free port).
+        metrics_host (str): Address the metrics server listens on (``"127.0.0.1"``).
+        metrics_auth_token (str | None): Token the metrics server requires (None: none).
+        metrics_max_connections (int): Connections the metrics server holds at once (64).
+        websocket_headers (Mapping[str, str] | Sequence[tuple[str, str]]): Extra headers
+            for ``wss://`` upgrades.
+        websocket_subprotocols (Sequence[str]): Subprotocols the upgrade offers.
+        websocket_max_message_size (int): Largest message accepted over ``wss://``
+            (1 MiB).
+    """
 
     ssl_context: ssl.SSLContext | None
     namespace: str

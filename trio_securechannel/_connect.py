@@ -10,6 +10,7 @@ Anything else is a bug, ours or in a custom ``open_transport``, and propagates a
 from __future__ import annotations
 
 import inspect
+import os
 import ssl
 import sys
 from collections.abc import Callable
@@ -73,7 +74,7 @@ async def open_channel(
                 # (trio asks its context only for wrap_bio: the buffers pass it on.)
                 tls = cast("ssl.SSLContext", tls_buffers)
                 ssl_stream = trio.SSLStream(transport, tls, server_hostname=endpoint.host)
-                await _handshake(ssl_stream, name)
+                await _handshake(ssl_stream, name, ssl_context)
                 if pins:  # before a byte is sent
                     check_pin(ssl_stream.getpeercert(binary_form=True), pins, name)
                 if nursery is not None and endpoint.is_websocket:
@@ -186,24 +187,52 @@ async def _open_transport(endpoint: Endpoint, config: PoolConfig) -> trio.abc.St
     return transport
 
 
-async def _handshake(ssl_stream: trio.SSLStream[trio.abc.Stream], name: str) -> None:
+async def _handshake(
+    ssl_stream: trio.SSLStream[trio.abc.Stream], name: str, ssl_context: ssl.SSLContext
+) -> None:
     try:
         await ssl_stream.do_handshake()
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         # trio keeps the ssl.SSLError (or the transport's error) as the cause.
         cause = exc.__cause__ if isinstance(exc.__cause__, BaseException) else exc
-        raise ConnectError(name, "tls", f"TLS handshake failed: {_describe(cause)}") from cause
+        if isinstance(cause, ssl.SSLError) and cause.reason in _NO_COMMON_VERSION:
+            reason = _no_common_version(ssl_context)
+        else:
+            reason = _describe(cause)
+        raise ConnectError(name, "tls", f"TLS handshake failed: {reason}") from cause
     except OSError as exc:  # a custom transport's own error, passed through as it is
         raise ConnectError(name, "tls", f"TLS handshake failed: {_describe(exc)}") from exc
 
 
+# OpenSSL's words for "no TLS version both sides accept": the relay's protocol_version
+# alert, or (from a relay that ignored our offer) a version we refuse.
+_NO_COMMON_VERSION = frozenset({"TLSV1_ALERT_PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL"})
+
+
+def _no_common_version(ssl_context: ssl.SSLContext) -> str:
+    """What a version refusal means, in the versions this client offered."""
+    lowest, highest = ssl_context.minimum_version, ssl_context.maximum_version
+    if lowest == ssl.TLSVersion.MINIMUM_SUPPORTED:
+        lowest = ssl.TLSVersion.TLSv1_2  # (a context the pool accepts refuses anything older)
+    if highest == ssl.TLSVersion.MAXIMUM_SUPPORTED:
+        highest = ssl.TLSVersion.TLSv1_3
+    offered = [
+        v for v in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3) if lowest <= v <= highest
+    ]
+    if offered == [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3]:
+        return "the relay offers no TLS 1.2 or 1.3 (older versions are refused as insecure)"
+    if offered == [ssl.TLSVersion.TLSv1_3]:
+        return "the relay offers no TLS 1.3, the only version ssl_context accepts"
+    return "the relay offers no TLS 1.2, the only version ssl_context accepts"
+
+
 def _describe(exc: BaseException) -> str:
-    # trio.open_tcp_stream reports "all attempts ... failed", keeping each address's error
-    # in a group behind it: name those, since "refused" is what the reader needs to see.
+    # trio.open_tcp_stream reports "all attempts to connect to HOST:PORT failed", keeping
+    # each address's error ("Error connecting to ('ip', port): ...") in a group behind it.
+    # The relay is named once already: say only why, which is what the reader needs.
     group = exc.__cause__
     if isinstance(group, BaseExceptionGroup) and group.exceptions:
-        reasons = dict.fromkeys(_describe(inner) for inner in group.exceptions)
-        return f"{exc}: {'; '.join(reasons)}"
+        return "; ".join(dict.fromkeys(_why(inner) for inner in group.exceptions))
     if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
         return f"certificate verify failed: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError) and exc.reason:
@@ -211,3 +240,11 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
+
+
+def _why(exc: BaseException) -> str:
+    """One address's failure to connect, without the address: the OS's words for its
+    errno (trio's text repeats the address)."""
+    if isinstance(exc, OSError) and exc.errno is not None and exc.errno > 0:
+        return os.strerror(exc.errno)
+    return _describe(exc)

@@ -55,13 +55,16 @@ class Endpoint:
 
     @property
     def is_websocket(self) -> bool:
-        """True for a ``wss://`` relay: its channels carry WebSocket messages."""
+        """True for a ``wss://`` relay, whose channels carry WebSocket messages."""
         return self.websocket_path is not None
 
     @property
     def host_header(self) -> str:
-        """What a WebSocket upgrade sends as ``Host``: the ASCII (IDNA) form of the name,
-        and the port only when not the default."""
+        """What a WebSocket upgrade sends as its ``Host`` header.
+
+        The ASCII (IDNA) form of the name (an IPv6 address in brackets), and the port only
+        when it is not 443.
+        """
         if ":" in self.host:
             host = f"[{self.host}]"
         else:

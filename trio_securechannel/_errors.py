@@ -10,7 +10,11 @@ from typing import Any, final
 
 
 class SecureChannelError(Exception):
-    """Base class of every error trio_securechannel raises on its own account."""
+    """Base class of every error trio_securechannel raises on its own account.
+
+    Each one names its relay in ``endpoint`` and in its message, and pickles intact (it is
+    rebuilt from its attributes).
+    """
 
     _args: tuple[object, ...] = ()
 
@@ -28,6 +32,12 @@ class PoolExhausted(SecureChannelError):
 
     Raised at once when ``acquire_timeout`` is 0, or when the FIFO wait for a channel runs
     out.
+
+    Attributes:
+        endpoint (str): The relay (in a pool of several, the last one waited on).
+        max_connections (int): The pool's ``max_connections``, all of them in use.
+        waited (float): Seconds the checkout could wait for one to come free, its
+            ``acquire_timeout`` (0: it was not allowed to wait).
     """
 
     def __init__(self, endpoint: str, max_connections: int, waited: float) -> None:
@@ -51,15 +61,15 @@ class ConnectError(SecureChannelError):
     `ssl.SSLCertVerificationError`, ...) except for timeouts, which have none.
 
     Attributes:
-        endpoint: The relay, as ``host:port`` (or its ``wss://`` URL).
-        phase: Where it failed: ``"tcp"`` (connect, DNS), ``"tls"`` (handshake, certificate),
+        endpoint (str): The relay, as ``host:port`` (or its ``wss://`` URL).
+        phase (str): Where it failed: ``"tcp"`` (connect, DNS), ``"tls"`` (handshake, certificate),
             ``"pin"`` (a pinned relay showed another public key), ``"websocket"`` (the
             upgrade of a ``wss://`` channel was refused or garbled), ``"setup"`` (the
             ``setup`` exchange failed or ran out of time; its error is the ``__cause__``),
             ``"timeout"`` (``connect_timeout`` ran out) or ``"dropped"`` (the relay hung up,
             or spoke unasked, right after the handshake: seen by the spare keeper, which
             logs it, never by a checkout).
-        reason: One line saying what went wrong.
+        reason (str): One line saying what went wrong (the message, without the relay).
     """
 
     def __init__(self, endpoint: str, phase: str, reason: str) -> None:
@@ -72,7 +82,12 @@ class ConnectError(SecureChannelError):
 
 @final
 class PoolClosed(SecureChannelError):
-    """The pool is shutting down or has shut down; it hands out no more channels."""
+    """The pool is shutting down or has shut down; it hands out no more channels.
+
+    Attributes:
+        endpoint (str): The pool's relay (for a pool of several, its relays, joined by
+            ``", "``).
+    """
 
     def __init__(self, endpoint: str) -> None:
         self._args = (endpoint,)
@@ -85,7 +100,8 @@ class CircuitOpen(SecureChannelError):
     """The relay's circuit breaker is open: no connection is attempted until it cools down.
 
     Attributes:
-        retry_after: Seconds until the breaker lets a trial checkout through.
+        endpoint (str): The relay (for a pool of several, its relays, joined by ``", "``).
+        retry_after (float): Seconds until the breaker lets a trial checkout through.
     """
 
     def __init__(self, endpoint: str, retry_after: float) -> None:
@@ -109,8 +125,8 @@ class RequestTimeout(SecureChannelError, TimeoutError):
     your own (``trio.fail_after`` around the block) is not this: it blames nobody.
 
     Attributes:
-        endpoint: The relay.
-        timeout: The limit, in seconds from the checkout.
+        endpoint (str): The relay.
+        timeout (float): The limit, in seconds from the checkout.
     """
 
     def __init__(self, endpoint: str, timeout: float) -> None:
@@ -133,8 +149,8 @@ class ProtocolError(SecureChannelError):
     responsible (counted once as an error, and as a failure by its circuit breaker).
 
     Attributes:
-        endpoint: The relay.
-        reason: One line saying what was wrong.
+        endpoint (str): The relay.
+        reason (str): One line saying what was wrong.
     """
 
     def __init__(self, endpoint: str, reason: str) -> None:

@@ -29,7 +29,7 @@ from ._relay import Relay
 from ._routing import Router
 from ._server import MetricsServer
 from ._snapshot import PoolSnapshot
-from ._status import pool_status, serving_state
+from ._status import PoolStatus, pool_status, serving_state
 from ._tls import load_root_store
 from ._websocket import WebSocketChannel
 
@@ -207,8 +207,12 @@ class SecureChannelPool:
             self.closed, tuple(relay.snapshot(channels=channels) for relay in self._relays)
         )
 
-    def status(self) -> dict[str, Any]:
-        """A JSON-serialisable snapshot: totals, and each relay's own under ``endpoints``."""
+    def status(self) -> PoolStatus:
+        """A JSON-serialisable snapshot: totals, and each relay's own under ``endpoints``.
+
+        Its shape is `PoolStatus` (the keys are always the same ones; see
+        :doc:`observability`). ``/status`` on the metrics server serves it as JSON.
+        """
         return pool_status(self._snapshot(), self.config.max_connections, self.config.min_idle)
 
 
@@ -231,7 +235,7 @@ def open_pool(
             ``"wss://host[:port]/path"`` for a WebSocket relay (`websocket`); or a list
             of them, for a pool spread over several relays.
         config: A `PoolConfig` to start from.
-        **options: `PoolConfig` fields, overriding ``config``.
+        **options: `PoolConfig` fields (the `PoolOptions`), overriding ``config``.
 
     Returns:
         An async context manager yielding the `SecureChannelPool`.
@@ -283,6 +287,7 @@ def _check_pinned_relays(config: PoolConfig, endpoints: list[Endpoint]) -> None:
 async def _run_pool(
     endpoints: list[Endpoint], config: PoolConfig
 ) -> AsyncIterator[SecureChannelPool]:
+    _require_trio()
     ssl_context = config.ssl_context
     if ssl_context is None:
         # Reading the system's roots is blocking file I/O: keep it off the event loop.
@@ -331,6 +336,32 @@ async def _run_pool(
             nursery.cancel_scope.cancel()  # (WebSocket channels' tasks end with them)
     if body_error is not None:
         raise body_error
+
+
+def _require_trio() -> None:
+    """A pool's nursery, sockets and timers are Trio's: under another event loop, say so.
+    (What trio itself raises there, "must be called from async context" or an
+    AttributeError from deep inside it, does not say why.)"""
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        library = _running_async_library()
+        raise RuntimeError(
+            "trio_securechannel is a Trio library: open_pool() must run under trio.run(),"
+            f" not under {library} (an asyncio program can run Trio code with trio-asyncio)"
+        ) from None
+
+
+def _running_async_library() -> str:
+    """The event loop running instead of Trio's, as sniffio names it ("asyncio", ...)."""
+    try:
+        import sniffio  # trio's own dependency
+    except ImportError:
+        return "another event loop"
+    try:
+        return sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return "another event loop"
 
 
 async def _run_background(relays: list[Relay], scope: trio.CancelScope) -> None:

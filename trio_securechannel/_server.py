@@ -220,6 +220,7 @@ class MetricsServer:
         listener = await _bind(self._config.metrics_host, self._config.metrics_port)
         self._stopped = trio.Event()
         self.address = await nursery.start(self._serve, listener, pool)
+        logger.info("metrics server listening on http://%s", _where(*self.address))
         return self.address
 
     async def stop(self, *, grace: float | None = None) -> None:
@@ -268,6 +269,7 @@ class MetricsServer:
                         handlers.cancel_scope.cancel()
         finally:
             self._stopped.set()
+            logger.debug("metrics server stopped")
 
     async def _accept(
         self,
@@ -439,7 +441,7 @@ class _Handler(TCPServer):
 
 async def _bind(host: str, port: int | None) -> socket.socket:
     """Bind the server's socket ourselves: a clean, named error, and nothing left open."""
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    where = _where(host, port)
     try:
         family, kind, proto, _, address = (
             await trio.socket.getaddrinfo(
@@ -462,7 +464,15 @@ async def _bind(host: str, port: int | None) -> socket.socket:
     return listener
 
 
+def _where(host: str, port: int | None) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _config() -> Config:
+    # Hypercorn logs nothing of its own here: its "Running on ... (CTRL + C to quit)" comes
+    # from its `serve`, which we do not run (the accept loop is ours); it has no access log;
+    # and what it would say as a server (an app error) goes to our logger, which an
+    # application without logging configured never hears (the NullHandler in __init__).
     config = Config()
     config.accesslog = None  # request lines and headers stay out of the logs
     config.errorlog = logger

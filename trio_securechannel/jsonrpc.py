@@ -59,11 +59,12 @@ class RpcError(SecureChannelError):
     the relay.
 
     Attributes:
-        code: The error's code (an int).
-        message: Its message.
-        data: Its ``data`` member, if any (None otherwise).
-        method: The method called.
-        endpoint: The relay that answered.
+        code (int): The error object's ``code`` (JSON-RPC reserves -32768 to -32000:
+            -32601 method not found, -32602 invalid params, ...).
+        message (str): Its ``message``.
+        data (Any): Its ``data`` member, if any (None otherwise).
+        method (str): The method called.
+        endpoint (str): The relay that answered.
     """
 
     def __init__(self, code: int, message: str, data: Any, method: str, endpoint: str) -> None:
@@ -79,7 +80,13 @@ class RpcError(SecureChannelError):
 @final
 @dataclass(frozen=True)
 class Notification:
-    """A message a relay pushed (a request without an id): its method and params."""
+    """A message a relay pushed (a request without an id): its method and params.
+
+    Attributes:
+        method (str): The notification's ``method`` (for an Electrum subscription, the
+            subscribing method's name).
+        params (Any): Its ``params``, as decoded from JSON (a list or an object).
+    """
 
     method: str
     params: Any

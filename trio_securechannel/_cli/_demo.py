@@ -106,7 +106,7 @@ def live_table(pool: sc.SecureChannelPool, traffic: Traffic, elapsed: float) -> 
     return table
 
 
-def summary_table(status: dict[str, Any], traffic: Traffic, elapsed: float) -> Table:
+def summary_table(status: sc.PoolStatus, traffic: Traffic, elapsed: float) -> Table:
     table = Table(title="Summary")
     table.add_column("figure", style="bold")
     table.add_column("value", justify="right")
@@ -229,9 +229,11 @@ async def _run(
 def demo(duration: float, workers: int, fault: Fault, websocket: bool = False) -> int:
     console = Console()
     # The pool's own warnings (the breaker opening, spares failing) scroll above the live
-    # table instead of tearing through it.
+    # table instead of tearing through it; and the breaker's every transition, its
+    # half-opening and closing (INFO) as well as its opening (WARNING).
     handler = RichHandler(console=console, show_path=False, markup=False)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s")
+    logging.getLogger("trio_securechannel.breaker").setLevel(logging.INFO)
     ctrl_c = CtrlC()
     signal.signal(signal.SIGINT, ctrl_c.handler)
     try:
