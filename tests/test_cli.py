@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -16,10 +17,11 @@ import trio
 from trio_websocket import ConnectionClosed
 
 import trio_securechannel as sc
+from trio_securechannel.testing import Fault, LoopbackRelay
 
 from conftest import SERVER_CERT, make_server_context
+from helpers import closed_port
 from jsonrpc_relay import JsonRpcRelay
-from relay import Relay, closed_port
 
 ENV = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,7 +136,7 @@ async def test_demo_stopped_by_ctrl_c_twice_exits_130_without_a_traceback(gap: f
     assert err.splitlines() in ([], ["interrupted"])
 
 
-async def test_probe_prints_the_certificate_facts(relay: Relay, ca_file: Path) -> None:
+async def test_probe_prints_the_certificate_facts(relay: LoopbackRelay, ca_file: Path) -> None:
     done = await cli(
         "probe", f"127.0.0.1:{relay.port}", "--cafile", str(ca_file), "--count", "3", "--send", "hi"
     )
@@ -163,7 +165,7 @@ async def test_probe_prints_the_certificate_facts(relay: Relay, ca_file: Path) -
 
 async def test_probe_speaks_electrum_by_default(nursery: trio.Nursery, ca_file: Path) -> None:
     # An Electrum server hangs up on a session that does not begin with server.version.
-    electrum = JsonRpcRelay(make_server_context(), electrum_rules=True)
+    electrum = JsonRpcRelay(electrum_rules=True)
     await nursery.start(electrum.serve_tls)
     done = await cli("probe", electrum.target, "--cafile", str(ca_file), "--json")
     assert done.returncode == 0, done.stderr.decode()
@@ -178,7 +180,7 @@ async def test_probe_speaks_electrum_by_default(nursery: trio.Nursery, ca_file: 
 async def test_probe_counts_an_error_reply_as_a_failure_and_shows_it(
     nursery: trio.Nursery, ca_file: Path
 ) -> None:
-    electrum = JsonRpcRelay(make_server_context(), electrum_rules=True)
+    electrum = JsonRpcRelay(electrum_rules=True)
     electrum.failing.add("server.ping")
     await nursery.start(electrum.serve_tls)
     done = await cli("probe", electrum.target, "--cafile", str(ca_file))
@@ -190,7 +192,7 @@ async def test_probe_counts_an_error_reply_as_a_failure_and_shows_it(
 
 
 async def test_probe_trusts_a_pinned_relay_and_refuses_a_wrong_pin(
-    nursery: trio.Nursery, relay: Relay
+    nursery: trio.Nursery, relay: LoopbackRelay
 ) -> None:
     # No --cafile: the system roots do not know the test CA; the pin alone vouches.
     pin = sc.public_key_pin(SERVER_CERT.cert_chain_pems[0].bytes())
@@ -212,7 +214,7 @@ async def test_probe_trusts_a_pinned_relay_and_refuses_a_wrong_pin(
     ],
     ids=["refused", "untrusted"],
 )
-async def test_probe_failures_are_one_line(relay: Relay, args: object, words: str) -> None:
+async def test_probe_failures_are_one_line(relay: LoopbackRelay, args: object, words: str) -> None:
     done = await cli("probe", *args(relay))  # type: ignore[operator]
     assert done.returncode == 1
     assert done.stdout == b""
@@ -223,7 +225,7 @@ async def test_probe_failures_are_one_line(relay: Relay, args: object, words: st
 
 
 async def test_probe_of_a_relay_that_does_not_speak_websocket_is_one_line(
-    relay: Relay, ca_file: Path
+    relay: LoopbackRelay, ca_file: Path
 ) -> None:
     done = await cli("probe", f"wss://127.0.0.1:{relay.port}/ws", "--cafile", str(ca_file))
     assert done.returncode == 1
@@ -232,8 +234,8 @@ async def test_probe_of_a_relay_that_does_not_speak_websocket_is_one_line(
     assert "WebSocket upgrade failed" in lines[0]
 
 
-async def test_probe_timeout_is_one_line(relay: Relay, ca_file: Path) -> None:
-    relay.mode = "silent"
+async def test_probe_timeout_is_one_line(relay: LoopbackRelay, ca_file: Path) -> None:
+    relay.fault = Fault.NO_TLS
     done = await cli(
         "probe", f"127.0.0.1:{relay.port}", "--cafile", str(ca_file), "--timeout", "0.5"
     )
@@ -333,8 +335,6 @@ async def test_the_library_imports_without_the_cli_extras() -> None:
 async def test_probe_a_websocket_relay(nursery: trio.Nursery, ca_file: Path) -> None:
     from trio_websocket import WebSocketRequest, serve_websocket
 
-    from conftest import make_server_context
-
     async def handler(request: WebSocketRequest) -> None:
         ws = await request.accept()
         with contextlib.suppress(ConnectionClosed):
@@ -349,3 +349,44 @@ async def test_probe_a_websocket_relay(nursery: trio.Nursery, ca_file: Path) -> 
     assert report["websocket"] == "/ws"
     assert report["round_trip_ms"]["count"] == 5  # WebSocket pings answered with pongs
     assert report["tls_version"] == "TLSv1.3"
+
+
+DIST = "trio-securechannel"  # the distribution, as pip knows it
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+async def test_version_prints_the_installed_version(flag: str) -> None:
+    done = await cli(flag)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode() == f"trio-securechannel {importlib.metadata.version(DIST)}\n"
+    assert done.stderr == b""
+
+
+def test_the_installed_version_is_the_source_trees() -> None:
+    # pyproject.toml reads it from __version__: a mismatch is a stale install (reinstall).
+    assert importlib.metadata.version(DIST) == sc.__version__
+
+
+async def test_version_needs_none_of_the_cli_extras() -> None:
+    # As `pip install trio-securechannel` leaves it: no rich, no trustme.
+    code = (
+        "import sys; sys.modules.update(rich=None, trustme=None); "
+        "sys.argv[1:] = ['--version']; "
+        "from trio_securechannel._cli import run; run()"
+    )
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            [sys.executable, "-c", code], capture_stdout=True, capture_stderr=True, check=False
+        )
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode() == f"trio-securechannel {sc.__version__}\n"
+
+
+def test_version_from_a_source_tree_that_is_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trio_securechannel import _cli
+
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert _cli.version() == sc.__version__
