@@ -3,6 +3,7 @@ pool over loopback, as a user's tests would use it; and its pytest fixtures."""
 
 from __future__ import annotations
 
+import socket
 import ssl
 from typing import Any
 
@@ -377,3 +378,195 @@ async def test_a_handler_with_a_nursery_sees_the_client_leave_as_an_ending() -> 
             relay.kill_connections()
         await wait_until(lambda: relay.endings["reset"] == 1)
         assert relay.active == 0
+
+
+# -- what the review found ------------------------------------------------------------------
+
+
+async def test_stop_then_restart_as_the_last_thing_in_the_block() -> None:
+    for _ in range(20):  # the accept loop outlived serve()'s nursery: an AssertionError
+        async with open_relay() as relay:
+            relay.stop()
+            relay.restart()
+
+
+async def test_a_restart_onto_a_taken_port_raises_and_leaves_the_relay_down() -> None:
+    async with open_relay() as relay:
+        relay.stop()
+        with socket.socket() as squatter:
+            squatter.bind(("127.0.0.1", relay.port))
+            squatter.listen()
+            with pytest.raises(OSError, match="in use"):
+                relay.restart()
+            assert relay.fault is Fault.REFUSE  # it says what it is: down
+        relay.restart()  # the port is free again
+        async with pool_for(relay) as pool:
+            assert await round_trip(pool) == b"ping"
+
+
+async def test_in_memory_ending_refuse_opens_no_socket() -> None:
+    async with open_relay(listen=False) as relay:
+        assert relay.address == "memory.invalid:443"  # never resolves: no stray dial
+        relay.stop()
+        relay.restart()
+        assert relay.port == 443
+        with socket.socket() as probe:  # nothing listens where a socket would have been
+            assert probe.connect_ex(("127.0.0.1", 443)) != 0 or relay.accepted == 0
+        options: dict[str, Any] = {"open_transport": relay.open_memory_stream}
+        async with pool_for(relay, **options) as pool:
+            assert await round_trip(pool) == b"ping"
+        assert relay.accepted == 1
+
+
+async def raw_tls_client(relay: LoopbackRelay) -> trio.SSLStream[trio.SocketStream]:
+    tcp = await trio.open_tcp_stream(*relay.target)
+    tls = trio.SSLStream(tcp, relay.client_context(), server_hostname="127.0.0.1")
+    await tls.do_handshake()
+    return tls
+
+
+async def test_wss_clients_that_leave_before_or_during_the_upgrade_end_cleanly() -> None:
+    async with open_relay(websocket=True) as relay:
+        silent = await raw_tls_client(relay)  # TLS, then no upgrade request at all
+        await silent.aclose()
+        half = await raw_tls_client(relay)  # half a request, then gone
+        await half.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        await half.aclose()
+        rude = await raw_tls_client(relay)  # a whole request, gone before the answer
+        await rude.send_all(
+            b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            b"X-Name: caf\xe9\r\n\r\n"  # a header that is not UTF-8
+        )
+        await trio.aclose_forcefully(rude)
+        await wait_until(lambda: relay.active == 0)
+        assert relay.endings["before_upgrade"] >= 2
+        async with pool_for(relay) as pool, pool.websocket() as channel:  # still serving
+            await channel.send_message("still here")
+            assert await channel.get_message() == "still here"
+
+
+async def test_close_sessions_does_not_wait_for_ever_on_a_silent_client() -> None:
+    async with (
+        open_relay(websocket=True) as relay,
+        pool_for(relay) as pool,
+        pool.websocket() as channel,
+    ):
+        await channel.send_message("hello")
+        assert await channel.get_message() == "hello"
+        began = trio.current_time()
+        await relay.close_sessions(1001)  # the lent channel reads nothing meanwhile
+        assert trio.current_time() - began < 2.0
+
+
+async def test_close_on_accept_closes_with_a_fin_not_a_reset() -> None:
+    async with open_relay() as relay:
+        relay.fault = Fault.CLOSE_ON_ACCEPT
+        for _ in range(20):
+            tcp = await trio.open_tcp_stream(*relay.target)
+            await tcp.send_all(b"\x16\x03\x01 a ClientHello, unread")
+            assert await tcp.receive_some() == b""  # end of stream, not ECONNRESET
+            await tcp.aclose()
+        await wait_until(lambda: relay.endings["closed_on_accept"] == 20)
+
+
+@pytest.mark.parametrize(
+    ("fault", "ending"),
+    [
+        (Fault.RESET_ON_ACCEPT, "reset_on_accept"),
+        (Fault.CLOSE_ON_ACCEPT, "closed_on_accept"),
+        (Fault.DROP_AFTER_HANDSHAKE, "dropped"),
+    ],
+)
+async def test_every_connection_has_an_ending(fault: Fault, ending: str) -> None:
+    async with open_relay() as relay, pool_for(relay) as pool:
+        relay.fault = fault
+        with pytest.raises((sc.ConnectError, trio.BrokenResourceError)):
+            await round_trip(pool)
+        await wait_until(lambda: relay.active == 0)
+        assert relay.endings == {ending: 1}
+
+
+async def test_wss_endings_say_how_each_session_went() -> None:
+    async with open_relay(websocket=True) as relay:
+        async with pool_for(relay) as pool:
+            async with pool.websocket() as channel:
+                await channel.send_message("one")
+                assert await channel.get_message() == "one"
+            relay.kill_connections()
+            await wait_until(lambda: relay.active == 0)
+            assert relay.endings == {"reset": 1}
+            async with pool.websocket() as channel:
+                await channel.send_message("two")
+                assert await channel.get_message() == "two"
+        await wait_until(lambda: relay.active == 0)
+        assert relay.endings == {"reset": 1, "ws_close": 1}  # the pool's close frame
+        assert relay.close_codes == {1006: 1, 1000: 1}  # the reset one had no close frame
+
+
+async def test_stop_reading_reaches_a_read_already_waiting() -> None:
+    async with (
+        open_relay() as relay,
+        pool_for(relay, request_timeout=5) as pool,
+        pool.connection() as channel,
+    ):
+        await channel.send_line(b"first")
+        assert await channel.receive_line() == b"first"
+        await wait_until(lambda: relay.requests == 1)
+        relay.fault = Fault.STOP_READING  # the relay's read waits already
+        await trio.sleep(0.05)
+        await channel.send_line(b"unread")
+        with trio.move_on_after(0.3) as waited:
+            await channel.receive_line()
+        assert waited.cancelled_caught
+        assert relay.requests == 1
+
+
+async def test_idle_close_after_reaches_a_read_already_waiting() -> None:
+    async with open_relay() as relay, pool_for(relay) as pool:
+        assert await round_trip(pool) == b"ping"
+        await trio.sleep(0.05)  # the relay waits for the next request
+        relay.idle_close_after = 0.1
+        await wait_until(lambda: relay.endings["idle_close"] == 1, within=2.0)
+
+
+async def test_late_tickets_come_on_their_own_and_hold_no_reply_back() -> None:
+    async with open_relay() as relay:
+        relay.tickets_after = 0.3
+        tls = await raw_tls_client(relay)
+        assert tls.version() == "TLSv1.3"
+        began = trio.current_time()
+        await trio.lowlevel.wait_readable(tls.transport_stream.socket)  # the tickets
+        assert trio.current_time() - began >= 0.25
+        await tls.send_all(b"ping")
+        assert await tls.receive_some() == b"ping"
+        await tls.aclose()
+
+        relay.tickets_after = 5.0  # a reply before then takes them along, undelayed
+        tls = await raw_tls_client(relay)
+        began = trio.current_time()
+        await tls.send_all(b"ping")
+        assert await tls.receive_some() == b"ping"
+        assert trio.current_time() - began < 1.0
+        await tls.aclose()
+
+
+def test_push_behind_reply_is_refused_over_wss() -> None:
+    with pytest.raises(ValueError, match="push_behind_reply is for raw TLS"):
+        LoopbackRelay(websocket=True).push_behind_reply = b"x"
+
+
+def test_a_client_context_for_a_tls_context_of_your_own_needs_its_ca() -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    with pytest.raises(ValueError, match="give open_relay\\(\\) its ca too"):
+        LoopbackRelay(tls_context=context).client_context()
+
+
+async def test_late_tickets_for_a_connection_already_gone_are_dropped() -> None:
+    async with open_relay() as relay:
+        relay.tickets_after = 0.1
+        tls = await raw_tls_client(relay)
+        await trio.aclose_forcefully(tls)  # gone before its tickets
+        await trio.sleep(0.2)  # the relay crashed here, taking the test with it
+        async with pool_for(relay) as pool:
+            assert await round_trip(pool) == b"ping"

@@ -9,10 +9,10 @@ a ``conftest.py`` gives the ``tls_relay`` and ``wss_relay`` fixtures (with pytes
 """
 
 from ._faults import Fault as Fault
+from ._open import open_relay as open_relay
 from ._relay import LoopbackRelay as LoopbackRelay
 from ._relay import echo as echo
-from ._relay import echo_messages as echo_messages
-from ._relay import open_relay as open_relay
 from ._streams import RelayStream as RelayStream
+from ._websocket import echo_messages as echo_messages
 
 __all__ = ["Fault", "LoopbackRelay", "RelayStream", "echo", "echo_messages", "open_relay"]

@@ -6,8 +6,12 @@ import ssl
 
 import trustme
 
+#: The host in a relay's address when it serves in memory only: ``.invalid`` never
+#: resolves (RFC 6761), so a pool given no ``open_transport`` fails at once.
+MEMORY_HOST = "memory.invalid"
+
 #: The names the relay's certificate is valid for.
-RELAY_IDENTITIES = ("127.0.0.1", "localhost", "::1")
+RELAY_IDENTITIES = ("127.0.0.1", "localhost", "::1", MEMORY_HOST)
 
 
 def server_context(ca: trustme.CA) -> ssl.SSLContext:

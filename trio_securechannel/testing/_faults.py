@@ -9,15 +9,15 @@ class Fault(str, enum.Enum):
     """How the relay treats connections; set ``relay.fault`` at any time.
 
     Faults of the accept and the handshake (``REFUSE`` to ``DROP_AFTER_HANDSHAKE``) meet new
-    connections; the others also meet connections already open, from their next read or
-    write. Latency, replies in pieces, pushes and idle closes are separate settings
-    (`LoopbackRelay.latency`, ``piece_size``, `~LoopbackRelay.push`, ``idle_close_after``)
-    that combine with any fault.
+    connections; the others also meet connections already open, a read already waiting
+    included. Latency, replies in pieces, pushes and idle closes are separate settings
+    (``latency``, ``piece_size``, `~LoopbackRelay.push`, ``idle_close_after``) that combine
+    with any fault.
     """
 
-    #: Serve: echo, or the relay's handler.
+    #: No fault: the relay echoes, or runs its handler.
     NONE = "none"
-    #: Nothing listens: connects are refused (the port is kept, for when the fault ends).
+    #: Connects are refused, as nothing listens (the port is kept for when the fault ends).
     REFUSE = "refuse"
     #: Accept the TCP connection, then reset it (RST), as a crashing relay's kernel does.
     RESET_ON_ACCEPT = "reset_on_accept"
@@ -34,5 +34,5 @@ class Fault(str, enum.Enum):
     STOP_READING = "stop_reading"
     #: Send half of the next reply, then reset the connection.
     RESET_MID_REPLY = "reset_mid_reply"
-    #: ``wss://`` only: answer the upgrade with 403 Forbidden.
+    #: Answer a ``wss://`` upgrade with 403 Forbidden (for WebSocket relays only).
     REJECT_UPGRADE = "reject_upgrade"

@@ -8,6 +8,7 @@ and where the relay counts requests and bytes.
 
 from __future__ import annotations
 
+import math
 import socket
 import struct
 from collections.abc import Callable
@@ -92,20 +93,31 @@ class RelayStream(trio.abc.Stream):
         self.wire = wire
         self.saw_eof = False  # the client closed with a TLS close_notify
         self.closed_idle = False
+        self.broken = False  # a read or a send found the connection broken
         self.ended = trio.Event()  # reads are over: end of stream, or the connection broke
-        # wss://: during the upgrade, which latency and hanging leave alone (they are for
-        # the messages)
+        # wss://: during the upgrade, which latency, hanging and resets mid-reply leave
+        # alone (they are for the messages)
         self.upgrading = False
+        self._read_scope: trio.CancelScope | None = None
         self._send_lock = trio.Lock()
+
+    def settings_changed(self) -> None:
+        """The relay's fault or idle_close_after changed: a waiting read looks again."""
+        if self._read_scope is not None:
+            self._read_scope.cancel()
+
+    def reset(self) -> None:
+        """Reset this connection now (RST), as a crashing relay would."""
+        self.wire.reset()
+        self.settings_changed()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         relay = self.relay
         while True:
-            while relay.fault is Fault.STOP_READING:
-                await relay.setting_changed()
             try:
                 data = await self._receive_unless_idle(max_bytes)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.broken = isinstance(exc, trio.BrokenResourceError)
                 self.ended.set()
                 raise
             if not data:
@@ -119,39 +131,71 @@ class RelayStream(trio.abc.Stream):
             # Hanging: taken, never answered.
 
     async def _receive_unless_idle(self, max_bytes: int | None) -> bytes | bytearray:
-        with trio.move_on_after(self.relay.idle_close_after):
-            return await self.tls.receive_some(max_bytes)
-        # Idle for idle_close_after: close with a close_notify, as relays with an idle
-        # timeout do; the handler sees a closed stream.
-        self.closed_idle = True
-        await self.tls.aclose()
-        raise trio.ClosedResourceError("the relay closed the idle connection")
+        """A read that stops while the relay stops reading, and closes the connection
+        (close_notify) once it waited ``idle_close_after`` for a request, as relays with
+        an idle timeout do. A change of either setting reaches a read already waiting."""
+        relay = self.relay
+        began = trio.current_time()
+        while True:
+            if self.wire.was_reset:
+                raise trio.ClosedResourceError("the relay reset this connection")
+            stopped = relay.fault is Fault.STOP_READING and not self.upgrading
+            with trio.CancelScope(
+                deadline=math.inf if stopped else began + relay.idle_close_after
+            ) as self._read_scope:
+                if stopped:
+                    await trio.sleep_forever()
+                return await self.tls.receive_some(max_bytes)
+            self._read_scope = None
+            if stopped or trio.current_time() < began + relay.idle_close_after:
+                continue  # a setting changed: look again
+            self.closed_idle = True
+            await self.tls.aclose()
+            raise trio.ClosedResourceError("the relay closed the idle connection")
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        relay = self.relay
         async with self._send_lock:
-            if relay.latency and not self.upgrading:
-                await trio.sleep(relay.latency)
-            if relay.fault is Fault.RESET_MID_REPLY and len(data) > 1:
-                await self.tls.send_all(data[: len(data) // 2])
-                self.wire.reset()
-                raise trio.BrokenResourceError("the relay reset the connection mid-reply")
-            push = relay.push_behind_reply
-            if push:
-                self.wire.cork()
-            await self._send_in_pieces(data)
-            if push:
-                await self.tls.send_all(push)
-                split = relay.push_split_after
-                await self.wire.uncork(hold_back=20 if split is not None else 0, delay=split or 0.0)
-            relay.bytes_sent += len(data)
+            try:
+                await self._send(data)
+            except trio.BrokenResourceError:
+                self.broken = True
+                raise
 
-    def reset(self) -> None:
-        """Reset this connection now (RST), as a crashing relay would."""
-        self.wire.reset()
+    async def _send(self, data: bytes | bytearray | memoryview) -> None:
+        relay = self.relay
+        if relay.latency and not self.upgrading:
+            await trio.sleep(relay.latency)
+        if relay.fault is Fault.RESET_MID_REPLY and not self.upgrading:
+            half = len(data) // 2
+            if half:
+                await self.tls.send_all(data[:half])
+                relay.bytes_sent += half
+            self.reset()
+            raise trio.BrokenResourceError("the relay reset the connection mid-reply")
+        push = relay.push_behind_reply
+        if push and not self.upgrading:
+            self.wire.cork()
+        await self._send_in_pieces(data)
+        relay.bytes_sent += len(data)
+        if push and not self.upgrading:
+            await self.tls.send_all(push)
+            relay.bytes_sent += len(push)
+            split = relay.push_split_after
+            await self.wire.uncork(hold_back=20 if split is not None else 0, delay=split or 0.0)
+
+    async def send_held_tickets(self) -> None:
+        """Send the TLS 1.3 session tickets trio holds back until the first write, now
+        and on their own (if no reply took them along yet)."""
+        async with self._send_lock:
+            # trio offers no public way to time them; this is a test relay's licence.
+            tickets = self.tls._delayed_outgoing  # noqa: SLF001
+            if tickets:
+                self.tls._delayed_outgoing = None  # noqa: SLF001
+                await self.wire.send_all(tickets)
 
     async def push(self, data: bytes | bytearray | memoryview) -> None:
-        """Send ``data`` unasked, as it is: between replies, never inside one."""
+        """Send ``data`` unasked, as it is (no latency, no pieces): between replies, never
+        inside one."""
         async with self._send_lock:
             await self.tls.send_all(data)
             self.relay.bytes_sent += len(data)

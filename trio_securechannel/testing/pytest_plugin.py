@@ -6,7 +6,8 @@ Enable them in a ``conftest.py``::
 
 ``tls_relay`` is a raw-TLS echo `~trio_securechannel.testing.LoopbackRelay`, ``wss_relay``
 a ``wss://`` one; each is stopped after the test. Give a pool ``relay.address`` and
-``ssl_context=relay.client_context()``.
+``ssl_context=relay.client_context()``. They are async fixtures: the tests that use them
+must be Trio tests (``trio_mode = true``, or ``@pytest.mark.trio``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from ._relay import LoopbackRelay, open_relay
+from ._open import open_relay
+from ._relay import LoopbackRelay
 
 
 @pytest.fixture
