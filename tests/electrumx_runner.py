@@ -54,6 +54,8 @@ from helpers import closed_port
 
 #: How long ElectrumX may take to serve the stub chain after it starts.
 START_LIMIT = 30.0
+#: Starts with fresh ports when one chosen was taken before ElectrumX could bind it.
+PORT_ATTEMPTS = 3
 #: How long ElectrumX may take to exit after SIGTERM (it flushes its DB) before SIGKILL.
 STOP_GRACE = 10.0
 #: How long `ElectrumX.wait_synced` waits by default for ElectrumX to serve the daemon's tip.
@@ -62,7 +64,6 @@ SYNC_LIMIT = 10.0
 DEFAULT_ELECTRUMX_SERVER = "/opt/electrumx-venv/bin/electrumx_server"
 
 _LOOPBACK = "127.0.0.1"
-_TCP_LISTEN = "0A"  # the LISTEN state in /proc/net/tcp
 
 # Run in the child before it becomes ElectrumX: ask the kernel for SIGTERM when its parent
 # (the test run) dies, however it dies, so no ElectrumX outlives the tests.
@@ -194,7 +195,6 @@ async def run_electrumx(
     certfile.write_bytes(b"".join(pem.bytes() for pem in cert.cert_chain_pems))
     cert.private_key_pem.write_to_path(str(keyfile))
     (directory / "db").mkdir()
-    ssl_port, wss_port = _free_ports(2)
     log_path = directory / "electrumx.out"
     with StubBitcoind(blocks) as daemon:
         settings = {
@@ -203,7 +203,6 @@ async def run_electrumx(
             "DB_ENGINE": "leveldb",
             "DB_DIRECTORY": str(directory / "db"),
             "DAEMON_URL": daemon.url,
-            "SERVICES": f"ssl://{_LOOPBACK}:{ssl_port},wss://{_LOOPBACK}:{wss_port}",
             "SSL_CERTFILE": str(certfile),
             "SSL_KEYFILE": str(keyfile),
             "ALLOW_ROOT": "1",  # CI runs as root; ElectrumX refuses to without this
@@ -220,10 +219,21 @@ async def run_electrumx(
             "LOG_FORMAT": "%(asctime)s %(levelname)s:%(name)s:%(message)s",
             **(env or {}),
         }
-        process = await _start(server, settings, directory, log_path)
-        electrumx = ElectrumX(ssl_port, wss_port, ca, daemon, process, directory, log_path)
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            # Free when chosen, but anything may take a port before ElectrumX binds it.
+            ssl_port, wss_port = _free_ports(2)
+            settings["SERVICES"] = f"ssl://{_LOOPBACK}:{ssl_port},wss://{_LOOPBACK}:{wss_port}"
+            process = await _start(server, settings, directory, log_path)
+            electrumx = ElectrumX(ssl_port, wss_port, ca, daemon, process, directory, log_path)
+            try:
+                await _wait_listening(electrumx)
+                break
+            except BaseException as exc:
+                await _stop(process)
+                if not isinstance(exc, PortTaken) or attempt == PORT_ATTEMPTS:
+                    raise
         try:
-            await _wait_serving(electrumx)
+            await electrumx.wait_synced()
             try:
                 yield electrumx
             except BaseException:
@@ -272,20 +282,28 @@ async def _start(
     return process
 
 
-async def _wait_serving(electrumx: ElectrumX) -> None:
-    """Wait until both ports listen (ElectrumX opens them once it has caught up), then until
-    its SSL service answers with the daemon's tip."""
+class PortTaken(RuntimeError):
+    """ElectrumX could not bind a port chosen for it: something took it meanwhile."""
+
+
+async def _wait_listening(electrumx: ElectrumX) -> None:
+    """Wait until ElectrumX says it listens on both ports (it opens them once it has caught
+    up); `PortTaken` if it could not bind one."""
     process = electrumx.process
+    ports = (electrumx.ssl_port, electrumx.wss_port)
     with trio.move_on_after(START_LIMIT):
-        while not all(_listens(port) for port in (electrumx.ssl_port, electrumx.wss_port)):
+        while True:
+            log = electrumx.log()
+            if any(f"failed to listen on {_LOOPBACK}:{port}" in log for port in ports):
+                raise PortTaken(electrumx.log_tail())
+            if all(f"server listening on {_LOOPBACK}:{port}" in log for port in ports):
+                return
             if process.poll() is not None:
                 raise RuntimeError(
                     f"ElectrumX exited with status {process.returncode} before listening:\n"
                     + electrumx.log_tail()
                 )
             await trio.sleep(0.05)
-        await electrumx.wait_synced()
-        return
     raise RuntimeError(
         f"ElectrumX (pid {process.pid}) did not serve on {electrumx.ssl_target} and"
         f" {electrumx.wss_url} within {START_LIMIT} s:\n{electrumx.log_tail()}"
@@ -351,16 +369,3 @@ def _free_ports(count: int) -> list[int]:
     while len(ports) < count:
         ports.add(closed_port())
     return sorted(ports)
-
-
-def _listens(port: int) -> bool:
-    """Whether a socket listens on 127.0.0.1:``port``, read from /proc/net/tcp rather than
-    probed, so the probe starts no session in ElectrumX's logs."""
-    with open("/proc/net/tcp") as table:
-        next(table)  # the header
-        for line in table:
-            fields = line.split()
-            address, port_hex = fields[1].split(":")
-            if fields[3] == _TCP_LISTEN and int(port_hex, 16) == port and address == "0100007F":
-                return True
-    return False

@@ -5,15 +5,19 @@ so a failure here is the harness's, not a client's."""
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import trio_websocket
 
+import electrumx_runner
 from electrumx_daemon import GENESIS, REGTEST_GENESIS_HASH
 from electrumx_runner import ElectrumX, requires_electrumx, run_electrumx
+from helpers import closed_port
 
 pytestmark = requires_electrumx
 
@@ -110,3 +114,30 @@ async def test_wss_and_server_version_first(tmp_path: Path) -> None:
                 assert reply["id"] == 1
                 assert reply["error"]["message"] == "use server.version to identify client"
                 assert await client.stream.receive_some() == b""
+
+
+async def test_a_port_taken_before_electrumx_binds_it_means_fresh_ports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ports are free when chosen; anything may take one before ElectrumX binds it (a
+    # pool's client socket in another test, say). Here a listener takes the SSL port.
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        chosen: list[list[int]] = []
+
+        def free_ports(count: int) -> list[int]:
+            ports = [taken, closed_port()] if not chosen else real_free_ports(count)
+            chosen.append(ports)
+            return ports
+
+        real_free_ports = electrumx_runner._free_ports
+        monkeypatch.setattr(electrumx_runner, "_free_ports", free_ports)
+        async with run_electrumx(tmp_path, blocks=2) as electrumx:
+            assert len(chosen) == 2  # started again, on fresh ports
+            assert taken not in (electrumx.ssl_port, electrumx.wss_port)
+            client = await connect(electrumx)
+            await client.send(1, "server.version", "harness", "1.4")
+            assert (await client.receive())["id"] == 1
+            await client.stream.aclose()
