@@ -356,3 +356,43 @@ async def test_a_live_pool_serves_every_metric_the_dashboard_and_rules_read(
         "label kinds",
         "securechannel_error_total",
     ]
+
+
+_RATE_OF = re.compile(r"\b(?:rate|irate|increase)\(\s*([A-Za-z_:][\w:]*)")
+_COUNTER_SUFFIXES = ("_total", "_bucket", "_count", "_sum")
+_QUANTILE = re.compile(r"histogram_quantile\(\s*[\d.]+\s*,(.*)\)", re.DOTALL)
+
+
+def misused(exprs: list[str]) -> list[str]:
+    """PromQL that parses but lies: a rate of a gauge, a quantile that summed ``le`` away."""
+    found: list[str] = []
+    for expr in exprs:
+        found += [
+            f"rate of a gauge: {name}"
+            for name in _RATE_OF.findall(expr)
+            if not name.endswith(_COUNTER_SUFFIXES)
+        ]
+        for inner in _QUANTILE.findall(expr):
+            groupings = _GROUPING.findall(inner)
+            recorded_with_le = re.search(r"\b\w*le\w*:\w+_bucket:", inner)
+            if not recorded_with_le and not any(
+                "le" in {label.strip() for label in grouping.split(",")} for grouping in groupings
+            ):
+                found.append(f"quantile without le: {expr}")
+    return found
+
+
+def test_no_rate_of_a_gauge_and_no_quantile_without_le() -> None:
+    exprs = [expr for _, _, expr in rules()] + dashboard_exprs(dashboard())
+    assert any("histogram_quantile" in expr for expr in exprs)  # the check has work to do
+    assert misused(exprs) == []
+    # The check can fail: each of these parses, and each is wrong.
+    wrong = [
+        'sum by (endpoint) (rate(securechannel_connections{state="idle"}[5m]))',
+        "histogram_quantile(0.99, sum by (endpoint)"
+        " (rate(securechannel_round_trip_seconds_bucket[5m])))",
+    ]
+    assert misused(wrong) == [
+        "rate of a gauge: securechannel_connections",
+        f"quantile without le: {wrong[1]}",
+    ]
