@@ -6,6 +6,7 @@ import asyncio
 import ssl
 
 import pytest
+import sniffio
 
 import trio_securechannel as sc
 
@@ -33,4 +34,19 @@ def test_open_pool_under_asyncio_says_it_is_a_trio_library(
         asyncio.run(main())
     assert not entered
     assert info.value.__cause__ is None
-    assert info.value.__suppress_context__  # not chained to trio's "must be called from..."
+    assert info.value.__context__ is None  # nothing of trio's "must be called from ..."
+
+
+async def test_open_pool_from_asyncio_code_inside_trio_says_so(
+    client_context: ssl.SSLContext,
+) -> None:
+    # trio-asyncio runs asyncio code inside trio.run, marked (for sniffio) as asyncio's:
+    # there trio's own current_task() works, and the pool used to crash the whole run
+    # with a TrioInternalError.
+    running, sniffio.thread_local.name = sniffio.thread_local.name, "asyncio"
+    try:
+        with pytest.raises(RuntimeError, match=TRIO_ONLY):
+            async with sc.open_pool("127.0.0.1:1", ssl_context=client_context):
+                pass
+    finally:
+        sniffio.thread_local.name = running

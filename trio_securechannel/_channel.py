@@ -187,7 +187,7 @@ class Channel(abc.ABC):
         few, whatever the reasons. The text of such a reason is logged (DEBUG, logger
         ``trio_securechannel``).
         """
-        if reason not in RETIRE_REASONS:
+        if not (isinstance(reason, str) and reason in RETIRE_REASONS):
             if self.spent is None:
                 logger.debug("%r to be retired when returned: %s", self, reason)
             reason = USER_REASON

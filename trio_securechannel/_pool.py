@@ -14,6 +14,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any, final
 
+import sniffio
 import trio
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -340,28 +341,17 @@ async def _run_pool(
 
 def _require_trio() -> None:
     """A pool's nursery, sockets and timers are Trio's: under another event loop, say so.
-    (What trio itself raises there, "must be called from async context" or an
-    AttributeError from deep inside it, does not say why.)"""
+    (What trio itself raises there, "must be called from async context", an AttributeError
+    from deep inside it, or under trio-asyncio a TrioInternalError, does not say why.)"""
     try:
-        trio.lowlevel.current_task()
-    except RuntimeError:
-        library = _running_async_library()
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        library = "another event loop"
+    if library != "trio":
         raise RuntimeError(
             "trio_securechannel is a Trio library: open_pool() must run under trio.run(),"
             f" not under {library} (an asyncio program can run Trio code with trio-asyncio)"
-        ) from None
-
-
-def _running_async_library() -> str:
-    """The event loop running instead of Trio's, as sniffio names it ("asyncio", ...)."""
-    try:
-        import sniffio  # trio's own dependency
-    except ImportError:
-        return "another event loop"
-    try:
-        return sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
-        return "another event loop"
+        )
 
 
 async def _run_background(relays: list[Relay], scope: trio.CancelScope) -> None:

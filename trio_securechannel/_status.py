@@ -92,8 +92,9 @@ class BreakerStatus(TypedDict):
         state (str): ``"closed"``, ``"open"`` or ``"half_open"`` (the `BreakerState`'s
             value).
         consecutive_failures (int): Failures since the last success.
-        retry_after (float | None): Seconds until a checkout may get through again; None
-            while one may.
+        retry_after (float | None): Seconds until a checkout may get through again: None
+            while the breaker is closed, 0.0 while a half-open trial may go now. (A pool's
+            top-level figure is None while any relay admits checkouts.)
         opened_total (int): Times the breaker opened.
         rejected_total (int): Checkouts refused with `CircuitOpen`.
     """

@@ -8,7 +8,6 @@ only needed here.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -165,13 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def version() -> str:
-    """The installed distribution's version; the source tree's when it is not installed."""
-    try:
-        return importlib.metadata.version("trio-securechannel")
-    except importlib.metadata.PackageNotFoundError:
-        from .. import __version__
+    """The running code's version: `trio_securechannel.__version__`, which the package's
+    metadata is built from (the metadata of an older install may linger beside a newer
+    source tree)."""
+    from .. import __version__
 
-        return __version__
+    return __version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import ssl
@@ -473,10 +474,8 @@ class LoopbackRelay:
         took them along first)."""
         delay = self.tickets_after
         await trio.sleep(delay() if callable(delay) else (delay or 0.0))
-        try:
+        with contextlib.suppress(*_CONNECTION_ENDED):  # the connection ended meanwhile
             await stream.send_held_tickets()
-        except _CONNECTION_ENDED:
-            pass  # the connection ended meanwhile
 
 
 async def _close_with_a_fin(transport: trio.abc.Stream) -> None:
