@@ -28,6 +28,12 @@ async def round_trip(pool: sc.SecureChannelPool, line: bytes = b"ping") -> bytes
         return await channel.receive_line()
 
 
+async def message_echoed(channel: sc.WebSocketChannel, message: str) -> bool:
+    """Whether the relay sent ``message`` back, as an echo does."""
+    await channel.send_message(message)
+    return await channel.get_message() == message
+
+
 # -- the fixtures and the defaults ------------------------------------------------------
 
 
@@ -46,8 +52,7 @@ async def test_the_tls_relay_fixture_echoes_and_counts(tls_relay: LoopbackRelay)
 async def test_the_wss_relay_fixture_echoes_messages(wss_relay: LoopbackRelay) -> None:
     assert wss_relay.address == f"wss://127.0.0.1:{wss_relay.port}/ws"
     async with pool_for(wss_relay) as pool, pool.websocket() as channel:
-        await channel.send_message("hello")
-        assert await channel.get_message() == "hello"
+        assert await message_echoed(channel, "hello")
     assert wss_relay.upgrades == 1
     assert wss_relay.request_paths == ["/ws"]
     await wait_until(lambda: not wss_relay.sessions)
@@ -217,8 +222,7 @@ async def test_push_over_wss_sends_a_message_to_every_session() -> None:
         pool_for(relay) as pool,
         pool.websocket() as channel,
     ):
-        await channel.send_message("hello")
-        assert await channel.get_message() == "hello"
+        assert await message_echoed(channel, "hello")
         assert await relay.push("news") == 1
         assert await channel.get_message() == "news"
 
@@ -442,8 +446,7 @@ async def test_wss_clients_that_leave_before_or_during_the_upgrade_end_cleanly()
         await wait_until(lambda: relay.active == 0)
         assert relay.endings["before_upgrade"] >= 2
         async with pool_for(relay) as pool, pool.websocket() as channel:  # still serving
-            await channel.send_message("still here")
-            assert await channel.get_message() == "still here"
+            assert await message_echoed(channel, "still here")
 
 
 async def test_close_sessions_does_not_wait_for_ever_on_a_silent_client() -> None:
@@ -452,8 +455,7 @@ async def test_close_sessions_does_not_wait_for_ever_on_a_silent_client() -> Non
         pool_for(relay) as pool,
         pool.websocket() as channel,
     ):
-        await channel.send_message("hello")
-        assert await channel.get_message() == "hello"
+        assert await message_echoed(channel, "hello")
         began = trio.current_time()
         await relay.close_sessions(1001)  # the lent channel reads nothing meanwhile
         assert trio.current_time() - began < 2.0
@@ -491,14 +493,12 @@ async def test_wss_endings_say_how_each_session_went() -> None:
     async with open_relay(websocket=True) as relay:
         async with pool_for(relay) as pool:
             async with pool.websocket() as channel:
-                await channel.send_message("one")
-                assert await channel.get_message() == "one"
+                assert await message_echoed(channel, "one")
             relay.kill_connections()
             await wait_until(lambda: relay.active == 0)
             assert relay.endings == {"reset": 1}
             async with pool.websocket() as channel:
-                await channel.send_message("two")
-                assert await channel.get_message() == "two"
+                assert await message_echoed(channel, "two")
         await wait_until(lambda: relay.active == 0)
         assert relay.endings == {"reset": 1, "ws_close": 1}  # the pool's close frame
         assert relay.close_codes == {1006: 1, 1000: 1}  # the reset one had no close frame

@@ -126,13 +126,29 @@ class ChannelStatus(TypedDict):
     round_trip: LatencySummary
 
 
-class EndpointStatus(TypedDict):
+class _Figures(TypedDict):
+    """The keys a relay's status and a pool's share (each documents them as it means them)."""
+
+    target: str
+    healthy: bool
+    closed: bool
+    connections: ConnectionsStatus
+    breaker: BreakerStatus
+    errors_total: int
+    errors_by_kind: dict[str, int]
+    pool_exhausted_total: int
+    bytes_sent_total: int
+    bytes_received_total: int
+    latency: LatencyStatus
+    channels: list[ChannelStatus]
+
+
+class EndpointStatus(_Figures):
     """One relay of a pool: an entry of ``status()["endpoints"]``.
 
     Keys:
         target (str): The relay, as ``host:port`` or its ``wss://`` URL (a query shown as
             ``?...``).
-        protocol (str): ``"tls"`` (raw TLS) or ``"websocket"`` (``wss://``).
         healthy (bool): At least one channel is established.
         closed (bool): The pool has begun shutting down.
         connections (ConnectionsStatus): Its channels.
@@ -146,24 +162,13 @@ class EndpointStatus(TypedDict):
         bytes_received_total (int): Application bytes received.
         latency (LatencyStatus): Its latency figures.
         channels (list[ChannelStatus]): Its open channels.
+        protocol (str): ``"tls"`` (raw TLS) or ``"websocket"`` (``wss://``).
     """
 
-    target: str
     protocol: Literal["tls", "websocket"]
-    healthy: bool
-    closed: bool
-    connections: ConnectionsStatus
-    breaker: BreakerStatus
-    errors_total: int
-    errors_by_kind: dict[str, int]
-    pool_exhausted_total: int
-    bytes_sent_total: int
-    bytes_received_total: int
-    latency: LatencyStatus
-    channels: list[ChannelStatus]
 
 
-class PoolStatus(TypedDict):
+class PoolStatus(_Figures):
     """What `SecureChannelPool.status` returns: the pool's figures, and each relay's.
 
     For a pool of one relay the figures are that relay's. For several, they are the
@@ -175,7 +180,6 @@ class PoolStatus(TypedDict):
 
     Keys:
         target (str): The relay, or the relays joined by ``", "``.
-        protocol (str): ``"tls"`` or ``"websocket"``; ``"mixed"`` for a pool of both.
         healthy (bool): At least one channel is established, on any relay.
         closed (bool): The pool has begun shutting down.
         connections (ConnectionsStatus): The channels.
@@ -187,22 +191,11 @@ class PoolStatus(TypedDict):
         bytes_received_total (int): Application bytes received.
         latency (LatencyStatus): The latency figures.
         channels (list[ChannelStatus]): Every open channel, on every relay.
+        protocol (str): ``"tls"`` or ``"websocket"``; ``"mixed"`` for a pool of both.
         endpoints (list[EndpointStatus]): Each relay's own figures, in the order given.
     """
 
-    target: str
     protocol: Literal["tls", "websocket", "mixed"]
-    healthy: bool
-    closed: bool
-    connections: ConnectionsStatus
-    breaker: BreakerStatus
-    errors_total: int
-    errors_by_kind: dict[str, int]
-    pool_exhausted_total: int
-    bytes_sent_total: int
-    bytes_received_total: int
-    latency: LatencyStatus
-    channels: list[ChannelStatus]
     endpoints: list[EndpointStatus]
 
 
